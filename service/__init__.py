@@ -1,0 +1,1 @@
+"""ttc-gateway: an OpenAI-compatible gateway that spends test-time compute optimally."""

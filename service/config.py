@@ -1,0 +1,138 @@
+"""All configuration in one Settings object: environment (TTC_*), an optional YAML/TOML/JSON file, defaults.
+
+Settings are read once at start-up and passed down; no other module reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    JsonConfigSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+    YamlConfigSettingsSource,
+)
+
+DEFAULT_POLICY_NAME = "smollm2-135m-instruct"
+
+
+def default_models_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "ttc-gateway" / "models"
+
+
+class WorkerPoolSettings(BaseModel):
+    """One pool of vLLM OpenAI servers serving the same model (policy or reward)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Local folder or model id vLLM can load; in embedded mode the gateway starts vLLM on it.
+    model: str = ""
+    # Name the workers serve the model under (vLLM --served-model-name) and clients ask for.
+    served_name: str = ""
+    # Remote mode: base URLs (http://host:port) of running vLLM servers. Empty means embedded.
+    urls: list[str] = Field(default_factory=list)
+    # Embedded mode: first port for co-located workers; each replica takes the next one.
+    port: int = 8101
+    replicas: int = 1
+    max_model_len: int = 2048
+    dtype: str = "bfloat16"
+    kv_cache_gib: int = 2
+    extra_args: list[str] = Field(default_factory=list)
+    # Where the gateway reads the model's config.json for FLOPs metering when `model` is not a local folder.
+    config_path: str = ""
+
+    @property
+    def embedded(self) -> bool:
+        return not self.urls
+
+
+class PolicyPoolSettings(WorkerPoolSettings):
+    served_name: str = DEFAULT_POLICY_NAME
+    port: int = 8101
+
+
+class RewardPoolSettings(WorkerPoolSettings):
+    served_name: str = "prm"
+    port: int = 8111
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TTC_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "info"
+    models_dir: Path = Field(default_factory=default_models_dir)
+
+    policy: PolicyPoolSettings = Field(default_factory=PolicyPoolSettings)
+    reward: RewardPoolSettings = Field(default_factory=RewardPoolSettings)
+    # Embedded reward worker is started only when a strategy needs it; off keeps start-up fast.
+    start_reward_worker: bool = False
+
+    # Embedded workers: CPU threading of vLLM-CPU (one core reserved by default costs ~30% throughput).
+    vllm_cpu_threads: str = "auto"
+    worker_start_timeout_s: float = 300.0
+    worker_restart: bool = True
+    health_interval_s: float = 2.0
+
+    # Limits
+    max_body_bytes: int = 1_048_576
+    max_n: int = 64
+    max_tokens_cap: int = 4096
+    default_max_tokens: int = 512
+    request_timeout_s: float = 600.0
+    upstream_connect_timeout_s: float = 2.0
+    retry_after_s: int = 5
+
+    # Auth: sha256 hex digests of accepted API keys ("sha256:<hex>" or bare hex). Empty disables auth.
+    api_key_hashes: list[str] = Field(default_factory=list)
+    protect_metrics: bool = False
+
+    @field_validator("api_key_hashes")
+    @classmethod
+    def _normalise_hashes(cls, v: list[str]) -> list[str]:
+        return [h.removeprefix("sha256:").strip().lower() for h in v if h.strip()]
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("TTC_CONFIG_FILE")
+        if config_file:
+            sources.append(_file_source(settings_cls, Path(config_file)))
+        return tuple(sources)
+
+    def policy_model_dir(self) -> Path:
+        return self.models_dir / self.policy.served_name
+
+
+def _file_source(settings_cls: type[BaseSettings], path: Path) -> PydanticBaseSettingsSource:
+    if not path.is_file():
+        raise FileNotFoundError(f"TTC_CONFIG_FILE={path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix in (".yaml", ".yml"):
+        return YamlConfigSettingsSource(settings_cls, yaml_file=path)
+    if suffix == ".toml":
+        return TomlConfigSettingsSource(settings_cls, toml_file=path)
+    if suffix == ".json":
+        return JsonConfigSettingsSource(settings_cls, json_file=path)
+    raise ValueError(f"TTC_CONFIG_FILE must be .yaml, .toml or .json, not {suffix!r}")
+
+
+def load_settings(**overrides: Any) -> Settings:
+    return Settings(**overrides)

@@ -1,0 +1,25 @@
+"""What serving needs to know about one request besides its body."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from ..metering import Meter
+
+
+@dataclass
+class RequestContext:
+    route: str  # "chat" or "completions"
+    request_id: str
+    tenant: str = "anonymous"
+    headers: dict[str, str] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+    meter: Meter = field(default_factory=Meter)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def response_id(self) -> str:
+        prefix = "chatcmpl" if self.route == "chat" else "cmpl"
+        return f"{prefix}-{uuid.uuid4().hex}"

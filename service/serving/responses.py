@@ -1,0 +1,105 @@
+"""OpenAI response bodies and the gateway's additions to them (usage.flops, the `ttc` object, X-TTC-* headers)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..metering import Meter
+from .context import RequestContext
+
+# vLLM-only fields that are null unless asked for; dropped so responses look like OpenAI's.
+_VLLM_NULL_FIELDS = ("token_ids", "prompt_token_ids", "prompt_logprobs", "routed_experts", "kv_transfer_params",
+                     "prompt_text", "ec_transfer_params", "metrics", "service_tier")
+
+
+def ttc_object(strategy: str, meter: Meter, **extra: Any) -> dict[str, Any]:
+    obj: dict[str, Any] = {
+        "strategy": strategy,
+        "flops": meter.as_dict(),
+        "tokens": {
+            "policy_prompt": meter.policy.prompt_tokens,
+            "policy_cached": meter.policy.cached_tokens,
+            "policy_completion": meter.policy.completion_tokens,
+            "reward": meter.reward.prompt_tokens,
+        },
+        "calls": {"policy": meter.policy.calls, "reward": meter.reward.calls},
+    }
+    obj.update({k: v for k, v in extra.items() if v is not None})
+    return obj
+
+
+def flops_headers(meter: Meter, strategy: str) -> dict[str, str]:
+    return {"X-TTC-FLOPs": f"{meter.total_flops:.6e}", "X-TTC-Strategy": strategy}
+
+
+def usage_block(meter: Meter, prompt_tokens: int | None = None, completion_tokens: int | None = None) -> dict[str, Any]:
+    prompt = meter.policy.prompt_tokens if prompt_tokens is None else prompt_tokens
+    completion = meter.policy.completion_tokens if completion_tokens is None else completion_tokens
+    usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
+                             "total_tokens": prompt + completion, "flops": meter.total_flops}
+    if meter.policy.cached_tokens:
+        usage["prompt_tokens_details"] = {"cached_tokens": meter.policy.cached_tokens}
+    return usage
+
+
+def decorate_upstream(body: dict[str, Any], ctx: RequestContext, strategy: str, **extra: Any) -> dict[str, Any]:
+    """Add the gateway's figures to a response that came from vLLM, keeping vLLM's usage token counts."""
+    for key in _VLLM_NULL_FIELDS:
+        if key in body and body[key] is None:
+            del body[key]
+    for choice in body.get("choices", []):
+        for key in _VLLM_NULL_FIELDS:
+            if key in choice and choice[key] is None:
+                del choice[key]
+    usage = body.get("usage") or {}
+    usage["flops"] = ctx.meter.total_flops
+    if usage.get("prompt_tokens_details") is None:
+        usage.pop("prompt_tokens_details", None)
+    if usage.get("completion_tokens_details") is None:
+        usage.pop("completion_tokens_details", None)
+    body["usage"] = usage
+    body["ttc"] = ttc_object(strategy, ctx.meter, **extra)
+    return body
+
+
+def chat_response(ctx: RequestContext, model: str, text: str, finish_reason: str, ttc: dict[str, Any],
+                  usage: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": ctx.response_id, "object": "chat.completion", "created": ctx.created, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                     "finish_reason": finish_reason}],
+        "usage": usage, "ttc": ttc,
+    }
+
+
+def completion_response(ctx: RequestContext, model: str, text: str, finish_reason: str, ttc: dict[str, Any],
+                        usage: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": ctx.response_id, "object": "text_completion", "created": ctx.created, "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+        "usage": usage, "ttc": ttc,
+    }
+
+
+def chunk(ctx: RequestContext, response_id: str, model: str, *, content: str | None = None,
+          finish_reason: str | None = None, role: bool = False) -> dict[str, Any]:
+    """One streamed choice delta, in the chat or completions chunk shape."""
+    if ctx.route == "chat":
+        delta: dict[str, Any] = {}
+        if role:
+            delta["role"] = "assistant"
+        if content is not None:
+            delta["content"] = content
+        choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        obj = "chat.completion.chunk"
+    else:
+        choice = {"index": 0, "text": content or "", "logprobs": None, "finish_reason": finish_reason}
+        obj = "text_completion"
+    return {"id": response_id, "object": obj, "created": ctx.created, "model": model, "choices": [choice]}
+
+
+def usage_chunk(ctx: RequestContext, response_id: str, model: str, usage: dict[str, Any],
+                ttc: dict[str, Any]) -> dict[str, Any]:
+    obj = "chat.completion.chunk" if ctx.route == "chat" else "text_completion"
+    return {"id": response_id, "object": obj, "created": ctx.created, "model": model, "choices": [],
+            "usage": usage, "ttc": ttc}

@@ -1,0 +1,20 @@
+"""Server-sent events in OpenAI's framing: `data: {json}\\n\\n` ... `data: [DONE]\\n\\n`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+DONE = b"data: [DONE]\n\n"
+KEEP_ALIVE = b": keep-alive\n\n"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def event(payload: dict[str, Any] | bytes) -> bytes:
+    data = payload if isinstance(payload, bytes) else orjson.dumps(payload)
+    return b"data: " + data + b"\n\n"
+
+
+def error_event(message: str, type_: str = "server_error", code: str | None = None) -> bytes:
+    return event({"error": {"message": message, "type": type_, "param": None, "code": code}})

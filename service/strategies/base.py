@@ -1,0 +1,135 @@
+"""The small interfaces every strategy is written against.
+
+Strategies are pure algorithms: they receive a `Policy` (generates continuations), a `Reward` (scores steps) and a
+`ComputeBudget` (what has been spent, what may still be spent). They never see HTTP, workers or the meter directly,
+which keeps them testable in milliseconds against in-memory fakes and reusable by calibrate/bench unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Protocol, Sequence
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 0.8
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    # Ask for the log-probability of each sampled token (Completion.token_logprobs).
+    logprobs: bool = False
+
+
+@dataclass
+class Completion:
+    """One continuation of one prompt."""
+
+    text: str
+    # "stop" (EOS or a stop string), "length" (max_tokens), "abort"
+    finish_reason: str
+    token_count: int
+    # The stop string that ended it, when a stop string did (it is not part of `text`).
+    stop_reason: str | None = None
+    token_logprobs: list[float] | None = None
+
+    @property
+    def hit_eos(self) -> bool:
+        return self.finish_reason == "stop" and self.stop_reason is None
+
+
+class Policy(Protocol):
+    """Generates continuations of raw prompt strings (the chat template is already applied)."""
+
+    async def generate(
+        self, prompts: Sequence[str], params: SamplingParams, n: int = 1
+    ) -> list[list[Completion]]:
+        """One batched engine call: `n` continuations for each prompt, in prompt order."""
+        ...
+
+    async def generate_multi(
+        self, prompts: Sequence[str], params: SamplingParams, ns: Sequence[int]
+    ) -> list[list[Completion]]:
+        """Like `generate`, but `ns[i]` continuations of `prompts[i]`, as ONE batched engine call (REBASE widths).
+
+        Optional: strategies fall back to one `generate` call per distinct n (run concurrently) when a policy lacks it.
+        With `params.seed` set, the samples of one prompt must still differ (vLLM offsets the seed per child of n>1;
+        repeating a prompt as separate requests with one seed would repeat the same sample).
+        """
+        ...
+
+    def estimate_flops(self, prompts: Sequence[str], params: SamplingParams, n: int = 1) -> float:
+        """Upper estimate of what `generate` would cost (all samples running to max_tokens), for anytime budgets."""
+        ...
+
+
+class Reward(Protocol):
+    """Scores the steps of candidate solutions of one question; scores lie in [0, 1], higher is better."""
+
+    name: str
+
+    async def score(self, question: str, candidates: Sequence[Sequence[str]]) -> list[list[float]]:
+        """For each candidate (a list of step texts), one score per step, in order."""
+        ...
+
+    def estimate_flops(self, question: str, candidates: Sequence[Sequence[str]]) -> float:
+        ...
+
+
+class ComputeBudget:
+    """What a request may spend. `spent` reads the live meter so strategies see policy and reward FLOPs alike."""
+
+    def __init__(self, limit_flops: float | None, spent: Callable[[], float]):
+        self.limit_flops = limit_flops
+        self._spent = spent
+
+    @property
+    def spent(self) -> float:
+        return self._spent()
+
+    def remaining(self) -> float:
+        return float("inf") if self.limit_flops is None else max(0.0, self.limit_flops - self.spent)
+
+    def allows(self, extra_flops: float) -> bool:
+        """True if spending `extra_flops` more stays within the limit (anytime strategies ask before expanding)."""
+        return self.limit_flops is None or self.spent + extra_flops <= self.limit_flops
+
+    @classmethod
+    def unlimited(cls) -> "ComputeBudget":
+        return cls(None, lambda: 0.0)
+
+
+@dataclass
+class Problem:
+    """One request as strategies see it."""
+
+    # Prompt text up to where the assistant's answer starts (chat template applied).
+    prompt: str
+    # The user's question alone, for the reward model.
+    question: str
+    max_tokens: int
+    temperature: float = 0.8
+    top_p: float = 1.0
+    seed: int | None = None
+    # Stop strings the client asked for (end the answer).
+    stop: tuple[str, ...] = ()
+
+
+# Called with text that every live candidate already shares and that will not change (for streaming).
+ProgressCallback = Callable[[str], Awaitable[None]]
+
+
+@dataclass
+class StrategyResult:
+    text: str
+    finish_reason: str
+    # Extracted final answer (None when none was found) and the score that chose it.
+    answer: str | None = None
+    score: float | None = None
+    samples: int = 0
+    steps: int = 0
+    completion_tokens: int = 0
+    # True when the budget stopped the search early (anytime result).
+    budget_exhausted: bool = False
+    details: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,138 @@
+"""The policy model behind the `Policy` interface, on a pool of vLLM OpenAI servers.
+
+`PolicyClient` is shared by all requests (one pool, one httpx client). `MeteredPolicy` is its per-request view that
+strategies receive: every call it makes is metered into that request's `Meter` from the token counts vLLM returns.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from ..metering import Meter, ModelShape
+from ..strategies.base import Completion, SamplingParams
+from .pool import WorkerPool
+
+
+class PolicyClient:
+    def __init__(self, pool: WorkerPool, shape: ModelShape):
+        self.pool = pool
+        self.shape = shape
+        # Learned from responses; used only to estimate prompt tokens for budget checks before a call.
+        self.chars_per_token = 3.0
+
+    @property
+    def model(self) -> str:
+        return self.pool.served_name
+
+    async def render_chat(self, messages: list[dict[str, Any]]) -> str:
+        """Apply the worker's own chat template (exactly what vLLM's chat endpoint would feed the model)."""
+        tok = await self.pool.post_json("/tokenize", {"model": self.model, "messages": messages,
+                                                      "add_generation_prompt": True})
+        text = await self.pool.post_json("/detokenize", {"model": self.model, "tokens": tok["tokens"]})
+        return text["prompt"]
+
+    def estimate_prompt_tokens(self, text: str) -> int:
+        return int(len(text) / self.chars_per_token) + 1
+
+    def meter_usage(self, meter: Meter, usage: dict[str, Any] | None, n: int,
+                    completion_lengths: Sequence[int] | None = None) -> float:
+        """Meter one pass-through response from its usage block; returns the FLOPs added."""
+        usage = usage or {}
+        prompt = int(usage.get("prompt_tokens") or 0)
+        completion = int(usage.get("completion_tokens") or 0)
+        cached = int(((usage.get("prompt_tokens_details") or {}).get("cached_tokens")) or 0)
+        if completion_lengths is None:
+            # Per-choice lengths are not in usage; an even split only moves the small attention term.
+            n = max(1, n)
+            completion_lengths = [completion // n + (1 if i < completion % n else 0) for i in range(n)]
+        flops = self.shape.generation_flops(prompt, cached, completion_lengths)
+        meter.add_policy(flops, prompt, cached, completion)
+        return flops
+
+
+class MeteredPolicy:
+    """Implements strategies.base.Policy for one request."""
+
+    def __init__(self, client: PolicyClient, meter: Meter, extra_body: dict[str, Any] | None = None):
+        self.client = client
+        self.meter = meter
+        self.extra_body = extra_body or {}
+
+    def estimate_flops(self, prompts: Sequence[str], params: SamplingParams, n: int = 1) -> float:
+        shape = self.client.shape
+        total = 0.0
+        for p in prompts:
+            tokens = self.client.estimate_prompt_tokens(p)
+            total += shape.generation_flops(tokens, 0, [params.max_tokens] * n)
+        return total
+
+    async def generate(self, prompts: Sequence[str], params: SamplingParams, n: int = 1) -> list[list[Completion]]:
+        return await self.generate_multi(prompts, params, [n] * len(prompts))
+
+    async def generate_multi(self, prompts: Sequence[str], params: SamplingParams,
+                             ns: Sequence[int]) -> list[list[Completion]]:
+        """Several prompts with their own sample counts. vLLM takes one `n` per request, so prompts are grouped by
+        n and the groups sent concurrently; each group is one batched request (continuous batching merges them)."""
+        import asyncio
+
+        groups: dict[int, list[int]] = {}
+        for i, k in enumerate(ns):
+            if k > 0:
+                groups.setdefault(k, []).append(i)
+        results: list[list[Completion]] = [[] for _ in prompts]
+
+        async def run(k: int, idx: list[int]) -> None:
+            outs = await self._request([prompts[i] for i in idx], params, k)
+            for i, out in zip(idx, outs):
+                results[i] = out
+
+        await asyncio.gather(*(run(k, idx) for k, idx in groups.items()))
+        return results
+
+    async def _request(self, prompts: list[str], params: SamplingParams, n: int) -> list[list[Completion]]:
+        payload: dict[str, Any] = {
+            "model": self.client.model, "prompt": prompts, "n": n, "max_tokens": params.max_tokens,
+            "temperature": params.temperature, "top_p": params.top_p, "return_token_ids": True,
+            "skip_special_tokens": True,
+        }
+        if params.stop:
+            payload["stop"] = list(params.stop)
+        if params.seed is not None:
+            payload["seed"] = params.seed
+        if params.logprobs:
+            payload["logprobs"] = 0
+        payload.update(self.extra_body)
+        body = await self.client.pool.post_json("/v1/completions", payload)
+        out: list[list[Completion]] = [[] for _ in prompts]
+        prompt_lens = [0] * len(prompts)
+        for choice in body["choices"]:
+            p, _ = divmod(int(choice["index"]), n)
+            token_ids = choice.get("token_ids") or []
+            prompt_lens[p] = len(choice.get("prompt_token_ids") or []) or prompt_lens[p]
+            lp = choice.get("logprobs") or {}
+            stop_reason = choice.get("stop_reason")
+            out[p].append(Completion(
+                text=choice.get("text") or "",
+                finish_reason=choice.get("finish_reason") or "stop",
+                token_count=len(token_ids),
+                stop_reason=stop_reason if isinstance(stop_reason, str) else None,
+                token_logprobs=lp.get("token_logprobs") if lp else None,
+            ))
+        self._meter(body.get("usage") or {}, prompts, prompt_lens, out)
+        return out
+
+    def _meter(self, usage: dict[str, Any], prompts: list[str], prompt_lens: list[int],
+               out: list[list[Completion]]) -> None:
+        shape = self.client.shape
+        cached_total = int(((usage.get("prompt_tokens_details") or {}).get("cached_tokens")) or 0)
+        prompt_total = sum(prompt_lens) or int(usage.get("prompt_tokens") or 0)
+        flops = 0.0
+        for plen, comps in zip(prompt_lens, out):
+            # vLLM reports cached tokens for the whole batch; share them out in proportion to prompt length.
+            cached = round(cached_total * plen / prompt_total) if prompt_total else 0
+            flops += shape.generation_flops(plen, cached, [c.token_count for c in comps])
+        completion = sum(c.token_count for comps in out for c in comps)
+        self.meter.add_policy(flops, prompt_total, cached_total, completion)
+        chars = sum(len(p) for p in prompts)
+        if prompt_total > 0 and chars > 0:
+            self.client.chars_per_token = 0.8 * self.client.chars_per_token + 0.2 * (chars / prompt_total)

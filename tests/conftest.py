@@ -1,0 +1,106 @@
+"""Shared fixtures. Integration tests run against a real gateway process that supervises real vLLM-CPU workers,
+started once per session and stopped at the end."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def models_dir() -> Path:
+    from service.config import default_models_dir
+
+    return Path(os.environ.get("TTC_MODELS_DIR") or default_models_dir())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def prepared_policy_dir() -> Path:
+    from service.models.prepare import prepare
+
+    return prepare("smollm2-135m-instruct", models_dir())
+
+
+class GatewayProcess:
+    def __init__(self, env_overrides: dict[str, str], log_path: Path):
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ)
+        env.update({"TTC_PORT": str(self.port), "TTC_MODELS_DIR": str(models_dir())})
+        env.update(env_overrides)
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "service", "serve"], env=env, stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+
+    def wait_ready(self, timeout_s: float = 420.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(self.base_url + "/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(1.0)
+        raise TimeoutError(f"gateway not ready after {timeout_s} s:\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def stop(self, timeout_s: float = 40.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def gateway(prepared_policy_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The embedded default: gateway plus a co-located vLLM-CPU policy worker."""
+    log_dir = tmp_path_factory.mktemp("gateway")
+    gw = GatewayProcess({"TTC_POLICY__PORT": str(free_port())}, log_dir / "gateway.log")
+    try:
+        gw.wait_ready()
+        yield gw
+    finally:
+        gw.stop()
+
+
+@pytest.fixture(scope="session")
+def base_url(gateway: GatewayProcess) -> str:
+    return gateway.base_url
+
+
+@pytest.fixture(scope="session")
+def model_name() -> str:
+    return "smollm2-135m-instruct"
+
+
+@pytest.fixture()
+def client(base_url: str):
+    from openai import OpenAI
+
+    with OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=300) as c:
+        yield c
