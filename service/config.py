@@ -93,6 +93,22 @@ class Settings(BaseSettings):
     upstream_connect_timeout_s: float = 2.0
     retry_after_s: int = 5
 
+    # Cache: Redis when a URL is set (shared by gateway replicas), else an in-process LRU.
+    redis_url: str = ""
+    cache_key_prefix: str = "ttc:"
+    redis_socket_timeout_s: float = 0.1
+    redis_connect_timeout_s: float = 0.1
+    redis_breaker_failures: int = 5
+    redis_breaker_reset_s: float = 10.0
+    redis_max_connections: int = 32
+    cache_memory_max_entries: int = 10_000
+    cache_memory_max_bytes: int = 64 * 1024 * 1024
+    cache_max_samples: int = 256
+    cache_response_ttl_s: float = 3600.0
+    cache_prm_ttl_s: float = 86400.0
+    cache_samples_ttl_s: float = 3600.0
+    metrics_max_label_values: int = 64
+
     # Auth: sha256 hex digests of accepted API keys ("sha256:<hex>" or bare hex). Empty disables auth.
     api_key_hashes: list[str] = Field(default_factory=list)
     protect_metrics: bool = False

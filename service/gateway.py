@@ -9,8 +9,11 @@ import logging
 import time
 from pathlib import Path
 
+from .cache import build_cache
 from .config import Settings
 from .metering import ModelShape
+from .metrics import Metrics
+from .serving.response_cache import ResponseCache
 from .workers.policy import PolicyClient
 from .workers.pool import WorkerPool
 from .workers.supervisor import ManagedWorker, Supervisor, WorkerSpec
@@ -38,6 +41,14 @@ class Gateway:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.supervisor = Supervisor()
+        self.metrics = Metrics(max_label_values=settings.metrics_max_label_values)
+        self.cache = build_cache(
+            settings.redis_url or None, key_prefix=settings.cache_key_prefix,
+            socket_timeout_s=settings.redis_socket_timeout_s, connect_timeout_s=settings.redis_connect_timeout_s,
+            breaker_failures=settings.redis_breaker_failures, breaker_reset_s=settings.redis_breaker_reset_s,
+            max_connections=settings.redis_max_connections, memory_max_entries=settings.cache_memory_max_entries,
+            memory_max_bytes=settings.cache_memory_max_bytes, on_event=self.metrics.cache_event)
+        self.response_cache = ResponseCache(self.cache, settings.cache_response_ttl_s)
         self.policy_pool = self._build_pool("policy", settings.policy)
         policy_model = resolve_model_dir(settings, settings.policy.model, settings.policy.served_name)
         self.policy = PolicyClient(self.policy_pool, load_shape(policy_model, settings.policy.config_path))
@@ -53,7 +64,7 @@ class Gateway:
             urls = pool_settings.urls
         pool = WorkerPool.from_urls(role, pool_settings.served_name, urls,
                                     connect_timeout_s=s.upstream_connect_timeout_s,
-                                    request_timeout_s=s.request_timeout_s)
+                                    request_timeout_s=s.request_timeout_s, metrics=self.metrics)
         if pool_settings.embedded:
             model_dir = resolve_model_dir(s, pool_settings.model, pool_settings.served_name)
             for i, ep in enumerate(pool.endpoints):
@@ -75,18 +86,21 @@ class Gateway:
 
     async def start(self) -> None:
         await self.supervisor.start_all()
-        for pool in self.pools:
-            await pool.check_health()
+        await self._refresh_health()
         self._health_task = asyncio.create_task(self._health_loop(), name="worker-health")
+
+    async def _refresh_health(self) -> None:
+        for pool in self.pools:
+            try:
+                await pool.check_health()
+                self.metrics.set_workers_ready(pool.name, sum(e.healthy for e in pool.endpoints))
+            except Exception:  # the loop must outlive any single failed probe
+                log.exception("health check of %s failed", pool.name)
 
     async def _health_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.health_interval_s)
-            for pool in self.pools:
-                try:
-                    await pool.check_health()
-                except Exception:  # the loop must outlive any single failed probe
-                    log.exception("health check of %s failed", pool.name)
+            await self._refresh_health()
 
     async def stop(self) -> None:
         if self._health_task:
@@ -94,3 +108,4 @@ class Gateway:
         await self.supervisor.stop_all()
         for pool in self.pools:
             await pool.close()
+        await self.cache.close()

@@ -80,9 +80,66 @@ class GatewayProcess:
 def gateway(prepared_policy_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """The embedded default: gateway plus a co-located vLLM-CPU policy worker."""
     log_dir = tmp_path_factory.mktemp("gateway")
-    gw = GatewayProcess({"TTC_POLICY__PORT": str(free_port())}, log_dir / "gateway.log")
+    worker_port = free_port()
+    gw = GatewayProcess({"TTC_POLICY__PORT": str(worker_port)}, log_dir / "gateway.log")
+    gw.worker_url = f"http://127.0.0.1:{worker_port}"
     try:
         gw.wait_ready()
+        yield gw
+    finally:
+        gw.stop()
+
+
+class RedisServer:
+    """A private redis-server process, so a test can stop it under a running gateway."""
+
+    def __init__(self) -> None:
+        import shutil
+
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.skip("redis-server binary not installed (Debian package redis-server)")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+API_KEYS = ("key-tenant-a", "key-tenant-b")
+
+
+@pytest.fixture(scope="session")
+def private_redis():
+    server = RedisServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def remote_gateway(gateway: GatewayProcess, private_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory):
+    """A second gateway in remote mode (workers given as URLs) with Redis caching and API keys."""
+    import hashlib
+    import json
+
+    hashes = [hashlib.sha256(k.encode()).hexdigest() for k in API_KEYS]
+    env = {"TTC_POLICY__URLS": json.dumps([gateway.worker_url]), "TTC_REDIS_URL": private_redis.url,
+           "TTC_API_KEY_HASHES": json.dumps(hashes), "TTC_PROTECT_METRICS": "true"}
+    gw = GatewayProcess(env, tmp_path_factory.mktemp("remote") / "gateway.log")
+    try:
+        gw.wait_ready(60)
         yield gw
     finally:
         gw.stop()

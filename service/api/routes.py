@@ -59,3 +59,9 @@ async def ready(request: Request) -> Response:
     if gw.ready:
         return _json(body)
     return _json(body, 503, {"Retry-After": str(gw.settings.retry_after_s)})
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    body, content_type = request.app.state.gateway.metrics.render_latest()
+    return Response(body, media_type=content_type)

@@ -18,6 +18,15 @@ class RequestContext:
     started: float = field(default_factory=time.monotonic)
     meter: Meter = field(default_factory=Meter)
     created: int = field(default_factory=lambda: int(time.time()))
+    strategy: str = "none"
+    model: str = ""
+    cache_status: str = "bypass"
+    first_token_s: float | None = None
+    finished: bool = False
+
+    def mark_first_token(self) -> None:
+        if self.first_token_s is None:
+            self.first_token_s = time.monotonic() - self.started
 
     @property
     def response_id(self) -> str:

@@ -10,6 +10,7 @@ from ..gateway import Gateway
 from ..workers.pool import WorkerError, WorkerUnavailable
 from . import passthrough
 from .context import RequestContext
+from .observe import record_request
 
 Request = ChatCompletionRequest | CompletionRequest
 
@@ -31,14 +32,23 @@ def check_limits(gw: Gateway, req: Request) -> int:
 
 
 async def handle(gw: Gateway, ctx: RequestContext, req: Request) -> Response:
-    if gw.draining:
-        raise unavailable("The gateway is shutting down", gw.settings.retry_after_s)
-    max_tokens = check_limits(gw, req)
+    ctx.model = req.model if req.model == gw.policy.model else "unknown"
+
+    def finish(c: RequestContext, status: int, disconnected: bool) -> None:
+        record_request(gw.metrics, c, status, disconnected=disconnected)
+
     try:
-        return await passthrough.forward(gw.policy, ctx, req, max_tokens)
-    except WorkerUnavailable as exc:
-        raise unavailable(f"The {exc.pool} workers are unavailable; retry shortly", gw.settings.retry_after_s)
-    except WorkerError as exc:
-        if 400 <= exc.status < 500:
-            raise APIError(400, exc.message, code="upstream_rejected")
-        raise APIError(502, f"The {exc.pool} worker failed: {exc.message}", code="upstream_error")
+        if gw.draining:
+            raise unavailable("The gateway is shutting down", gw.settings.retry_after_s)
+        max_tokens = check_limits(gw, req)
+        try:
+            return await passthrough.forward(gw.policy, gw.response_cache, ctx, req, max_tokens, finish)
+        except WorkerUnavailable as exc:
+            raise unavailable(f"The {exc.pool} workers are unavailable; retry shortly", gw.settings.retry_after_s)
+        except WorkerError as exc:
+            if 400 <= exc.status < 500:
+                raise APIError(400, exc.message, code="upstream_rejected")
+            raise APIError(502, f"The {exc.pool} worker failed: {exc.message}", code="upstream_error")
+    except APIError as err:
+        finish(ctx, err.status, False)
+        raise

@@ -1,13 +1,13 @@
 """Plain requests (no test-time strategy): forwarded to the policy pool as they are, metered from vLLM's usage.
 
 This is the hot path for apps that just want the model, so it does the least: one upstream call, no re-encoding
-of the stream beyond the final usage chunk.
+of the stream except the final usage chunk (and the chunks of a cacheable stream, which are collected to store it).
 """
 
 from __future__ import annotations
 
 from contextlib import AsyncExitStack
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import orjson
 from starlette.responses import Response, StreamingResponse
@@ -17,10 +17,13 @@ from ..workers.policy import PolicyClient
 from ..workers.pool import WorkerError, WorkerUnavailable
 from . import sse
 from .context import RequestContext
+from .response_cache import ResponseCache, body_from_stream, replay_stream
 from .responses import decorate_upstream, flops_headers, ttc_object
 
 STRATEGY = "none"
 UPSTREAM_PATH = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+
+Finish = Callable[[RequestContext, int, bool], None]  # (ctx, status, client_disconnected)
 
 
 def upstream_payload(req: ChatCompletionRequest | CompletionRequest, model: str, max_tokens: int) -> dict[str, Any]:
@@ -33,48 +36,101 @@ def upstream_payload(req: ChatCompletionRequest | CompletionRequest, model: str,
     return payload
 
 
-async def forward(policy: PolicyClient, ctx: RequestContext, req: ChatCompletionRequest | CompletionRequest,
-                  max_tokens: int) -> Response:
+def response_headers(ctx: RequestContext, flops: bool = True) -> dict[str, str]:
+    headers = flops_headers(ctx.meter, ctx.strategy) if flops else {"X-TTC-Strategy": ctx.strategy}
+    headers["X-TTC-Cache"] = ctx.cache_status
+    return headers
+
+
+async def forward(policy: PolicyClient, cache: ResponseCache, ctx: RequestContext,
+                  req: ChatCompletionRequest | CompletionRequest, max_tokens: int, finish: Finish) -> Response:
+    key = cache.key_for(ctx, req, max_tokens)
+    cached = await cache.lookup(ctx, key)
+    if cached is not None:
+        if req.stream:
+            return _stream_response(_finishing(replay_stream(ctx, cached, req.include_usage), ctx, finish), ctx)
+        finish(ctx, 200, False)
+        return Response(orjson.dumps(cached), media_type="application/json", headers=response_headers(ctx))
+
     payload = upstream_payload(req, policy.model, max_tokens)
     path = UPSTREAM_PATH[ctx.route]
     if req.stream:
-        return await _forward_stream(policy, ctx, path, payload, req.include_usage, req.n)
+        return await _forward_stream(policy, cache, key, ctx, path, payload, req.include_usage, req.n, finish)
     body = await policy.pool.post_json(path, payload)
     policy.meter_usage(ctx.meter, body.get("usage"), req.n)
     body = decorate_upstream(body, ctx, STRATEGY)
-    return Response(orjson.dumps(body), media_type="application/json", headers=flops_headers(ctx.meter, STRATEGY))
+    await cache.store(ctx, key, body)
+    finish(ctx, 200, False)
+    return Response(orjson.dumps(body), media_type="application/json", headers=response_headers(ctx))
 
 
-async def _forward_stream(policy: PolicyClient, ctx: RequestContext, path: str, payload: dict[str, Any],
-                          include_usage: bool, n: int) -> Response:
+async def _forward_stream(policy: PolicyClient, cache: ResponseCache, key: str | None, ctx: RequestContext,
+                          path: str, payload: dict[str, Any], include_usage: bool, n: int,
+                          finish: Finish) -> Response:
     stack = AsyncExitStack()
     # Open upstream before answering 200, so an unavailable worker is still a proper 503.
     events = await stack.enter_async_context(policy.pool.stream(path, payload))
 
     async def body() -> AsyncIterator[bytes]:
+        collected: list[str] = []
+        first: dict[str, Any] | None = None
+        finish_reason = "stop"
+        complete = False
+        stored: dict[str, Any] | None = None
         try:
             async for data in events:
                 if data == "[DONE]":
+                    complete = True
                     break
-                if '"usage"' in data and '"choices":[]' in data:
-                    chunk = orjson.loads(data)
-                    policy.meter_usage(ctx.meter, chunk.get("usage"), n)
+                if '"choices":[]' in data and '"usage"' in data:
+                    usage_msg = orjson.loads(data)
+                    policy.meter_usage(ctx.meter, usage_msg.get("usage"), n)
+                    usage_msg["usage"]["flops"] = ctx.meter.total_flops
+                    usage_msg["ttc"] = ttc_object(STRATEGY, ctx.meter, cache=ctx.cache_status)
+                    if key is not None and first is not None:
+                        stored = body_from_stream(ctx, first, "".join(collected), finish_reason,
+                                                  usage_msg["usage"], usage_msg["ttc"])
                     if include_usage:
-                        chunk["usage"]["flops"] = ctx.meter.total_flops
-                        chunk["ttc"] = ttc_object(STRATEGY, ctx.meter)
-                        yield sse.event(chunk)
+                        yield sse.event(usage_msg)
                     continue
+                ctx.mark_first_token()
+                if key is not None:
+                    # A cacheable stream is n = 1: collect its text to store the finished response.
+                    msg = orjson.loads(data)
+                    first = first or msg
+                    for choice in msg.get("choices", []):
+                        delta = choice.get("delta", {}).get("content") if ctx.route == "chat" else choice.get("text")
+                        collected.append(delta or "")
+                        finish_reason = choice.get("finish_reason") or finish_reason
                 yield b"data: " + data.encode() + b"\n\n"
             yield sse.DONE
+            if complete and stored is not None:
+                await cache.store(ctx, key, stored)
+            finish(ctx, 200, False)
         except WorkerUnavailable as exc:
             yield sse.error_event(f"policy worker failed mid-stream: {exc.detail}", "service_unavailable",
                                   "workers_unavailable")
             yield sse.DONE
+            finish(ctx, 503, False)
         except WorkerError as exc:
             yield sse.error_event(exc.message, "server_error", "upstream_error")
             yield sse.DONE
+            finish(ctx, 502, False)
         finally:
+            # Reached on normal end and when the client goes away (the generator is cancelled or closed):
+            # closing the upstream stream makes vLLM abort the generation.
             await stack.aclose()
+            finish(ctx, 499, True)
 
-    headers = dict(sse.SSE_HEADERS, **{"X-TTC-Strategy": STRATEGY})
-    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+    return _stream_response(body(), ctx)
+
+
+async def _finishing(events: AsyncIterator[bytes], ctx: RequestContext, finish: Finish) -> AsyncIterator[bytes]:
+    async for item in events:
+        yield item
+    finish(ctx, 200, False)
+
+
+def _stream_response(events: AsyncIterator[bytes], ctx: RequestContext) -> StreamingResponse:
+    headers = dict(sse.SSE_HEADERS, **response_headers(ctx, flops=False))
+    return StreamingResponse(events, media_type="text/event-stream", headers=headers)

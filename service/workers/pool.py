@@ -11,7 +11,7 @@ import logging
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator
 
 import httpx
 import orjson
@@ -70,8 +70,7 @@ class WorkerPool:
     endpoints: list[Endpoint]
     connect_timeout_s: float = 2.0
     request_timeout_s: float = 600.0
-    on_call: Callable[[str, str], None] | None = None  # (pool, outcome) for metrics
-    on_inflight: Callable[[str, int], None] | None = None
+    metrics: Any = None  # service.metrics.Metrics; optional so the pool stays usable on its own
     client: httpx.AsyncClient = field(init=False)
 
     def __post_init__(self) -> None:
@@ -105,18 +104,21 @@ class WorkerPool:
     @asynccontextmanager
     async def _track(self, ep: Endpoint) -> AsyncIterator[None]:
         ep.inflight += 1
-        if self.on_inflight:
-            self.on_inflight(self.name, 1)
+        gauge = self.metrics.upstream_inflight.labels(self.name) if self.metrics else None
+        if gauge:
+            gauge.inc()
         try:
             yield
         finally:
             ep.inflight -= 1
-            if self.on_inflight:
-                self.on_inflight(self.name, -1)
+            if gauge:
+                gauge.dec()
 
-    def _outcome(self, outcome: str) -> None:
-        if self.on_call:
-            self.on_call(self.name, outcome)
+    def _outcome(self, outcome: str, error_kind: str | None = None) -> None:
+        if self.metrics:
+            self.metrics.upstream_result(self.name, outcome)
+            if error_kind:
+                self.metrics.upstream_error(self.name, error_kind)
 
     async def post_json(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
         ep = self._pick()
@@ -126,7 +128,7 @@ class WorkerPool:
                                               headers={"content-type": "application/json"})
             except (httpx.TransportError, httpx.TimeoutException) as exc:
                 self._mark_down(ep, exc)
-                self._outcome("unavailable")
+                self._outcome("unavailable", type(exc).__name__)
                 raise WorkerUnavailable(self.name, str(exc) or type(exc).__name__) from exc
         return self._decode(resp)
 
@@ -136,7 +138,7 @@ class WorkerPool:
         except orjson.JSONDecodeError:
             body = resp.text[:500]
         if resp.status_code >= 400:
-            self._outcome("error")
+            self._outcome("error", f"http_{resp.status_code // 100}xx")
             raise WorkerError(self.name, resp.status_code, body)
         self._outcome("ok")
         return body
@@ -153,7 +155,7 @@ class WorkerPool:
                 resp = await self.client.send(request, stream=True)
             except (httpx.TransportError, httpx.TimeoutException) as exc:
                 self._mark_down(ep, exc)
-                self._outcome("unavailable")
+                self._outcome("unavailable", type(exc).__name__)
                 raise WorkerUnavailable(self.name, str(exc) or type(exc).__name__) from exc
             try:
                 if resp.status_code >= 400:
@@ -171,6 +173,7 @@ class WorkerPool:
                     yield line[5:].strip()
         except (httpx.TransportError, httpx.TimeoutException) as exc:
             self._mark_down(ep, exc)
+            self._outcome("broken_stream", type(exc).__name__)
             raise WorkerUnavailable(self.name, f"stream broke: {exc}") from exc
 
     async def check_health(self) -> None:

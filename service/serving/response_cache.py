@@ -1,0 +1,97 @@
+"""Whole-response caching for deterministic requests (n = 1 and temperature 0, or a seed given).
+
+Keys cover the tenant, route, model and every field of the request that shapes the output, so another tenant's
+identical prompt is a miss. Only complete, successful responses are stored; a hit replays as JSON or as a stream,
+and costs no FLOPs, which the meter and the `ttc` object say.
+"""
+
+from __future__ import annotations
+
+from typing import Any, AsyncIterator
+
+import orjson
+
+from ..cache import Cache, cache_key, cacheable_response, parse_cache_control
+from . import sse
+from .context import RequestContext
+from .responses import chunk, ttc_object, usage_chunk
+
+# Fields that do not change the generated text (streaming shape is replayed, not cached separately).
+_NOT_IN_KEY = {"stream", "stream_options", "user"}
+
+
+class ResponseCache:
+    def __init__(self, cache: Cache, ttl_s: float):
+        self.cache = cache
+        self.ttl_s = ttl_s
+
+    def key_for(self, ctx: RequestContext, req: Any, max_tokens: int) -> str | None:
+        """None when the request must not be cached (sampling without a seed, or the client said so)."""
+        directives = parse_cache_control(ctx.headers.get("cache-control"))
+        temperature = 1.0 if req.temperature is None else req.temperature
+        if not cacheable_response(req.n, temperature, req.seed):
+            ctx.cache_status = "bypass"
+            return None
+        payload = req.model_dump(exclude=_NOT_IN_KEY, exclude_none=True)
+        payload.update(route=ctx.route, max_tokens=max_tokens, model=ctx.model)
+        if directives.no_cache and directives.no_store:
+            ctx.cache_status = "bypass"
+            return None
+        return cache_key("response", ctx.tenant, payload)
+
+    async def lookup(self, ctx: RequestContext, key: str | None) -> dict[str, Any] | None:
+        if key is None:
+            return None
+        if parse_cache_control(ctx.headers.get("cache-control")).no_cache:
+            ctx.cache_status = "bypass"
+            return None
+        raw = await self.cache.get(key)
+        if raw is None:
+            ctx.cache_status = "miss"
+            return None
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            ctx.cache_status = "miss"
+            return None
+        ctx.cache_status = "hit"
+        body["usage"]["flops"] = 0.0
+        body["ttc"] = ttc_object(body.get("ttc", {}).get("strategy", ctx.strategy), ctx.meter, cache="hit")
+        return body
+
+    async def store(self, ctx: RequestContext, key: str | None, body: dict[str, Any]) -> None:
+        if key is None or parse_cache_control(ctx.headers.get("cache-control")).no_store:
+            return
+        await self.cache.set(key, orjson.dumps(body), self.ttl_s)
+
+
+def replay_stream(ctx: RequestContext, body: dict[str, Any], include_usage: bool) -> AsyncIterator[bytes]:
+    """A cached response as an SSE stream: one content chunk, the finish chunk, usage if asked, [DONE]."""
+
+    async def events() -> AsyncIterator[bytes]:
+        choice = body["choices"][0]
+        text = choice["message"]["content"] if ctx.route == "chat" else choice["text"]
+        rid, model = body["id"], body["model"]
+        if ctx.route == "chat":
+            yield sse.event(chunk(ctx, rid, model, role=True, content=""))
+        yield sse.event(chunk(ctx, rid, model, content=text))
+        yield sse.event(chunk(ctx, rid, model, finish_reason=choice.get("finish_reason") or "stop"))
+        if include_usage:
+            yield sse.event(usage_chunk(ctx, rid, model, body["usage"], body["ttc"]))
+        yield sse.DONE
+
+    return events()
+
+
+def body_from_stream(ctx: RequestContext, first: dict[str, Any], text: str, finish_reason: str,
+                     usage: dict[str, Any], ttc: dict[str, Any]) -> dict[str, Any]:
+    """The JSON response a finished stream amounts to, for storing it."""
+    if ctx.route == "chat":
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                  "finish_reason": finish_reason}
+        obj = "chat.completion"
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        obj = "text_completion"
+    return {"id": first.get("id"), "object": obj, "created": first.get("created"), "model": first.get("model"),
+            "choices": [choice], "usage": usage, "ttc": ttc}
