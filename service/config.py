@@ -84,6 +84,12 @@ class Settings(BaseSettings):
     worker_restart: bool = True
     health_interval_s: float = 2.0
 
+    # Strategy for requests that name none ("none" = plain pass-through to the policy worker).
+    default_strategy: str = "none"
+    # Step verifier for search strategies: "arith" (calculator, no model), "prm" (learned head on the reward worker)
+    # or "prm*arith" (both, step scores multiplied).
+    reward_backend: str = "arith"
+
     # Limits
     max_body_bytes: int = 1_048_576
     max_n: int = 64

@@ -11,7 +11,9 @@ from pathlib import Path
 
 from .cache import build_cache
 from .config import Settings
-from .metering import ModelShape
+from .metering import Meter, ModelShape
+from .rewards import ArithmeticReward
+from .strategies.base import Reward
 from .metrics import Metrics
 from .serving.response_cache import ResponseCache
 from .workers.policy import PolicyClient
@@ -75,6 +77,13 @@ class Gateway:
                 self.supervisor.add(ManagedWorker(spec, ep, s.models_dir.parent / "logs", s.vllm_cpu_threads,
                                                   s.worker_start_timeout_s, s.worker_restart), pool)
         return pool
+
+    def reward_for(self, meter: Meter) -> Reward:
+        """The configured step verifier, metered into this request's meter."""
+        backend = self.settings.reward_backend
+        if backend == "arith":
+            return ArithmeticReward()
+        raise ValueError(f"reward backend {backend!r} is not available")
 
     @property
     def pools(self) -> list[WorkerPool]:

@@ -8,9 +8,10 @@ from ..api.errors import APIError, unavailable
 from ..api.protocol import ChatCompletionRequest, CompletionRequest
 from ..gateway import Gateway
 from ..workers.pool import WorkerError, WorkerUnavailable
-from . import passthrough
+from . import passthrough, search
 from .context import RequestContext
 from .observe import record_request
+from .options import make_strategy, parse_options
 
 Request = ChatCompletionRequest | CompletionRequest
 
@@ -41,8 +42,16 @@ async def handle(gw: Gateway, ctx: RequestContext, req: Request) -> Response:
         if gw.draining:
             raise unavailable("The gateway is shutting down", gw.settings.retry_after_s)
         max_tokens = check_limits(gw, req)
+        options = parse_options(req.ttc, ctx.headers, gw.settings.default_strategy)
         try:
-            return await passthrough.forward(gw.policy, gw.response_cache, ctx, req, max_tokens, finish)
+            if options.passthrough:
+                return await passthrough.forward(gw.policy, gw.response_cache, ctx, req, max_tokens, finish)
+            strategy = make_strategy(options, gw.settings.max_n)
+            ctx.strategy = strategy.name
+            gw.metrics.strategy(strategy.name)
+            reward = gw.reward_for(ctx.meter) if strategy.requires_reward else None
+            return await search.run(gw.policy, reward, ctx, req, strategy, options.budget_flops, max_tokens, finish,
+                                    {})
         except WorkerUnavailable as exc:
             raise unavailable(f"The {exc.pool} workers are unavailable; retry shortly", gw.settings.retry_after_s)
         except WorkerError as exc:

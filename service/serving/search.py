@@ -1,0 +1,129 @@
+"""Requests that run a test-time strategy: build the problem, run the strategy against the metered policy and reward,
+answer as JSON or as a real stream (keep-alives while searching, the fixed shared prefix as soon as it is known)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, AsyncIterator
+
+import orjson
+from starlette.responses import Response, StreamingResponse
+
+from ..api.errors import APIError
+from ..api.protocol import ChatCompletionRequest, CompletionRequest
+from ..strategies import Strategy
+from ..strategies.base import ComputeBudget, Problem, SamplingParams, StrategyResult
+from ..workers.policy import MeteredPolicy, PolicyClient
+from ..workers.pool import WorkerError, WorkerUnavailable
+from . import sse
+from .context import RequestContext
+from .passthrough import Finish, response_headers
+from .responses import chat_response, chunk, completion_response, ttc_object, usage_block, usage_chunk
+
+KEEP_ALIVE_S = 5.0
+DEFAULT_TEMPERATURE = 0.8
+
+
+async def build_problem(policy: PolicyClient, ctx: RequestContext, req: ChatCompletionRequest | CompletionRequest,
+                        max_tokens: int) -> Problem:
+    if isinstance(req, ChatCompletionRequest):
+        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        prompt = await policy.render_chat(messages)
+        users = [m.text() for m in req.messages if m.role == "user"]
+        question = users[-1] if users else req.messages[-1].text()
+    else:
+        text = req.single_text_prompt()
+        if text is None:
+            raise APIError(400, "A ttc strategy takes a single text prompt", param="prompt", code="invalid_value")
+        prompt = question = text
+    return Problem(prompt=prompt, question=question, max_tokens=max_tokens,
+                   temperature=DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
+                   top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stop=tuple(req.stop or ()))
+
+
+def result_ttc(ctx: RequestContext, strategy: Strategy, reward_name: str | None, result: StrategyResult,
+               extra: dict[str, Any]) -> dict[str, Any]:
+    return ttc_object(
+        strategy.name, ctx.meter, params=strategy.params.model_dump(), reward=reward_name,
+        samples=result.samples, steps=result.steps, answer=result.answer, score=result.score,
+        budget_exhausted=result.budget_exhausted, cache=ctx.cache_status, details=result.details or None, **extra)
+
+
+async def run(policy_client: PolicyClient, reward: Any, ctx: RequestContext,
+              req: ChatCompletionRequest | CompletionRequest, strategy: Strategy, budget_flops: float | None,
+              max_tokens: int, finish: Finish, extra: dict[str, Any]) -> Response:
+    if req.n != 1:
+        raise APIError(400, "n must be 1 with a ttc strategy; the number of samples is ttc.n", param="n",
+                       code="invalid_value")
+    problem = await build_problem(policy_client, ctx, req, max_tokens)
+    policy = MeteredPolicy(policy_client, ctx.meter)
+    budget = ComputeBudget(budget_flops, lambda: ctx.meter.total_flops)
+    one_answer = policy.estimate_flops([problem.prompt], SamplingParams(max_tokens=max_tokens, temperature=0.0))
+    if not budget.allows(one_answer):
+        raise APIError(400, f"The FLOPs budget {budget_flops:.3e} cannot pay for even one answer of up to "
+                            f"{max_tokens} tokens (about {one_answer:.3e} FLOPs); raise it or lower max_tokens",
+                       param="X-TTC-Budget-FLOPs", code="budget_exceeded")
+    reward_name = getattr(reward, "name", None)
+    if not req.stream:
+        result = await strategy.run(problem, policy, reward, budget)
+        ttc = result_ttc(ctx, strategy, reward_name, result, extra)
+        build = chat_response if ctx.route == "chat" else completion_response
+        body = build(ctx, policy_client.model, result.text, result.finish_reason, ttc, usage_block(ctx.meter))
+        finish(ctx, 200, False)
+        return Response(orjson.dumps(body), media_type="application/json", headers=response_headers(ctx))
+    events = _stream(policy_client.model, ctx, strategy, problem, policy, reward, budget, req.include_usage,
+                     finish, extra)
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers=dict(sse.SSE_HEADERS, **response_headers(ctx, flops=False)))
+
+
+async def _stream(model: str, ctx: RequestContext, strategy: Strategy, problem: Problem, policy: MeteredPolicy,
+                  reward: Any, budget: ComputeBudget, include_usage: bool, finish: Finish,
+                  extra: dict[str, Any]) -> AsyncIterator[bytes]:
+    queue: asyncio.Queue[str] = asyncio.Queue()
+
+    async def progress(text: str) -> None:
+        await queue.put(text)
+
+    rid = ctx.response_id
+    task = asyncio.create_task(strategy.run(problem, policy, reward, budget, progress))
+    sent = ""
+    status, disconnected = 499, True
+    try:
+        if ctx.route == "chat":
+            yield sse.event(chunk(ctx, rid, model, role=True, content=""))
+        while not (task.done() and queue.empty()):
+            getter = asyncio.ensure_future(queue.get())
+            done, _ = await asyncio.wait({getter, task}, timeout=KEEP_ALIVE_S, return_when=asyncio.FIRST_COMPLETED)
+            if getter in done:
+                text = getter.result()
+                ctx.mark_first_token()
+                sent += text
+                yield sse.event(chunk(ctx, rid, model, content=text))
+            else:
+                getter.cancel()
+                if not done:
+                    # Proxies close idle streams; a comment line keeps this one open while the search runs.
+                    yield sse.KEEP_ALIVE
+        result = task.result()
+        rest = result.text[len(sent):] if result.text.startswith(sent) else result.text
+        if rest:
+            ctx.mark_first_token()
+            yield sse.event(chunk(ctx, rid, model, content=rest))
+        yield sse.event(chunk(ctx, rid, model, finish_reason=result.finish_reason))
+        if include_usage:
+            ttc = result_ttc(ctx, strategy, getattr(reward, "name", None), result, extra)
+            yield sse.event(usage_chunk(ctx, rid, model, usage_block(ctx.meter), ttc))
+        yield sse.DONE
+        status, disconnected = 200, False
+    except (WorkerUnavailable, WorkerError) as exc:
+        detail = exc.detail if isinstance(exc, WorkerUnavailable) else exc.message
+        yield sse.error_event(f"search failed: {detail}", "service_unavailable", "workers_unavailable")
+        yield sse.DONE
+        status, disconnected = 503, False
+    finally:
+        # A client that goes away cancels this generator: cancel the search and, with it, its upstream calls.
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        finish(ctx, status, disconnected)

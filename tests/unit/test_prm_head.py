@@ -1,0 +1,115 @@
+"""PRM head: save/load, token layout, score range and monotonicity, and the client's step-score cache (fake pool)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+import numpy as np
+import pytest
+
+from service.cache.memory import MemoryCache
+from service.metering import Meter, ModelShape
+from service.models.prm_head import PRMHead, PRMTokenizer, format_for_prm, step_features
+from service.workers.reward import MeteredPRM, PRMClient
+
+D = 576
+
+
+def _head(dim: int = 3 * D, mlp: bool = False, seed: int = 0) -> PRMHead:
+    rng = np.random.default_rng(seed)
+    kw = {}
+    if mlp:
+        kw = {"hidden_w": rng.normal(size=(dim, 8)).astype(np.float32) * 0.05,
+              "hidden_b": rng.normal(size=8).astype(np.float32)}
+    return PRMHead(mean=rng.normal(size=dim).astype(np.float32), std=rng.uniform(0.5, 2, dim).astype(np.float32),
+                   weights=rng.normal(size=8 if mlp else dim).astype(np.float32) * 0.05, bias=0.3,
+                   metadata={"model": "smollm2-135m-instruct", "step_delimiter": "\n"}, **kw)
+
+
+@pytest.fixture(scope="module")
+def tok(prepared_policy_dir) -> PRMTokenizer:
+    return PRMTokenizer.from_model_dir(prepared_policy_dir)
+
+
+@pytest.mark.parametrize("mlp", [False, True])
+def test_save_load_round_trip(tmp_path, mlp):
+    head = _head(mlp=mlp)
+    path = tmp_path / "h.npz"
+    head.save(path)
+    back = PRMHead.load(path)
+    x = np.random.default_rng(1).normal(size=(5, head.dim)).astype(np.float32)
+    np.testing.assert_allclose(back.score(x), head.score(x), rtol=1e-6)
+    assert back.version == head.version
+    assert back.metadata["model"] == "smollm2-135m-instruct" and back.delimiter == "\n"
+    assert path.stat().st_size < 200_000
+
+
+def test_scores_in_unit_interval_and_monotone_in_logit():
+    head = _head()
+    x = np.random.default_rng(2).normal(size=(200, head.dim)).astype(np.float32) * 10
+    s, z = head.score(x), head.logits(x)
+    assert ((s >= 0) & (s <= 1)).all()
+    order = np.argsort(z)
+    assert (np.diff(s[order]) >= 0).all()
+    assert head.score(np.zeros((0, head.dim))).shape == (0,)
+
+
+def test_layout_step_ends_match_tokenizer(tok):
+    steps = ["12 + 7 = 19", "19 * 2 = 38\n", "The answer is 38."]
+    lay = format_for_prm("What is (12 + 7) * 2?", steps, tok)
+    nl = tok.tokenizer.encode("\n", add_special_tokens=False)
+    assert len(nl) == 1, "the step delimiter must be one token"
+    assert len(lay.step_spans) == 3
+    for (start, end), step in zip(lay.step_spans, steps):
+        assert lay.token_ids[end - 1] == nl[0]
+        assert tok.tokenizer.decode(lay.token_ids[start:end]) == step.rstrip("\n") + "\n"
+    # Segment-by-segment ids equal the tokenizer's ids of the joined text for this (ordinary) solution.
+    joined = "".join(s.rstrip("\n") + "\n" for s in steps)
+    assert lay.token_ids[lay.prompt_len:] == tok.tokenizer.encode(joined, add_special_tokens=False)
+    # With or without the trailing delimiter, a step lays out the same.
+    assert format_for_prm("What is (12 + 7) * 2?", [s.rstrip("\n") for s in steps], tok).token_ids == lay.token_ids
+
+
+def test_step_features(tok):
+    lay = format_for_prm("Q?", ["1 + 1 = 2", "The answer is 2."], tok)
+    h = np.random.default_rng(3).normal(size=(len(lay.token_ids), D)).astype(np.float32)
+    f = step_features(h, lay)
+    assert f.shape == (2, 3 * D)
+    (s0, e0), (s1, e1) = lay.step_spans
+    np.testing.assert_allclose(f[1, :D], h[e1 - 1])
+    np.testing.assert_allclose(f[1, D:2 * D], h[s1:e1].mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(f[1, 2 * D:], h[lay.prompt_len:e1].mean(0), rtol=1e-5, atol=1e-5)
+
+
+class FakePool:
+    """Deterministic hidden states per token id, in the /pooling response format (base64 float32)."""
+
+    name, served_name = "reward", "prm"
+
+    def __init__(self):
+        self.calls = []
+
+    async def post_json(self, path, payload):
+        self.calls.append(payload)
+        data = []
+        for i, ids in enumerate(payload["input"]):
+            h = np.stack([np.random.default_rng(t).normal(size=D) for t in ids]).astype(np.float32)
+            data.append({"index": i, "data": base64.b64encode(h.tobytes()).decode()})
+        return {"data": data, "usage": {"prompt_tokens": sum(len(x) for x in payload["input"])}}
+
+
+def test_client_caches_step_scores(tok):
+    shape = ModelShape.from_config({"hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9,
+                                    "num_key_value_heads": 3, "intermediate_size": 1536, "vocab_size": 49152})
+    pool = FakePool()
+    client = PRMClient(pool, shape, _head(), tok, cache=MemoryCache())
+    cands = [["3 + 5 = 8", "The answer is 8."], ["3 + 5 = 9", "The answer is 9."], ["3 + 5 = 8", "The answer is 8."]]
+    m1, m2 = Meter(), Meter()
+    first = asyncio.run(MeteredPRM(client, m1).score("What is 3 + 5?", cands))
+    assert [len(s) for s in first] == [2, 2, 2] and first[0] == first[2]
+    assert len(pool.calls) == 1 and len(pool.calls[0]["input"]) == 2  # duplicates sent once
+    assert m1.reward.flops > 0
+    second = asyncio.run(MeteredPRM(client, m2).score("What is 3 + 5?", cands))
+    assert second == first and len(pool.calls) == 1 and m2.reward.flops == 0
+    assert asyncio.run(client.score("What is 3 + 5?", [[]])) == [[]]
