@@ -21,9 +21,8 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     if args.port:
         settings.port = args.port
     # Embedded bundled models are prepared on first start, so one command takes a fresh machine to serving.
-    for pool in (settings.policy,):
-        if pool.embedded and not pool.model and pool.served_name in BUNDLED:
-            prepare(pool.served_name, settings.models_dir)
+    if not settings.policy.model and settings.policy.served_name in BUNDLED:
+        prepare(settings.policy.served_name, settings.models_dir)
     app = create_app(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=30, access_log=args.access_log)

@@ -44,6 +44,8 @@ class WorkerPoolSettings(BaseModel):
     max_model_len: int = 2048
     dtype: str = "bfloat16"
     kv_cache_gib: int = 2
+    # Off for embedded CPU workers: see WorkerSpec.chunked_prefill (a vLLM-CPU seed bug).
+    chunked_prefill: bool = False
     extra_args: list[str] = Field(default_factory=list)
     # Where the gateway reads the model's config.json for FLOPs metering when `model` is not a local folder.
     config_path: str = ""
@@ -75,8 +77,8 @@ class Settings(BaseSettings):
 
     policy: PolicyPoolSettings = Field(default_factory=PolicyPoolSettings)
     reward: RewardPoolSettings = Field(default_factory=RewardPoolSettings)
-    # Embedded reward worker is started only when a strategy needs it; off keeps start-up fast.
-    start_reward_worker: bool = False
+    # The learned PRM head applied to the reward worker's hidden states (shipped with the package).
+    prm_head_path: str = ""
 
     # Embedded workers: CPU threading of vLLM-CPU (one core reserved by default costs ~30% throughput).
     vllm_cpu_threads: str = "auto"
@@ -88,7 +90,7 @@ class Settings(BaseSettings):
     default_strategy: str = "none"
     # Step verifier for search strategies: "arith" (calculator, no model), "prm" (learned head on the reward worker)
     # or "prm*arith" (both, step scores multiplied).
-    reward_backend: str = "arith"
+    reward_backend: Literal["arith", "prm", "prm*arith"] = "prm*arith"
 
     # Limits
     max_body_bytes: int = 1_048_576

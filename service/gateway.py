@@ -10,22 +10,31 @@ import time
 from pathlib import Path
 
 from .cache import build_cache
-from .config import Settings
+from .config import Settings, WorkerPoolSettings
 from .metering import Meter, ModelShape
-from .rewards import ArithmeticReward
-from .strategies.base import Reward
 from .metrics import Metrics
+from .rewards import ArithmeticReward, ProductReward
 from .serving.response_cache import ResponseCache
+from .strategies.base import Reward
 from .workers.policy import PolicyClient
 from .workers.pool import WorkerPool
+from .workers.reward import MeteredPRM, PRMClient
 from .workers.supervisor import ManagedWorker, Supervisor, WorkerSpec
+
+DEFAULT_PRM_HEAD = Path(__file__).parent / "data" / "prm_head_smollm2.npz"
 
 log = logging.getLogger("ttc.gateway")
 
 
-def resolve_model_dir(settings: Settings, model: str, served_name: str) -> str:
-    """A configured model (folder or id), else the prepared bundled folder of that name."""
-    return model or str(settings.models_dir / served_name)
+def policy_model(settings: Settings) -> str:
+    """The configured policy model (folder or id), else the prepared bundled folder."""
+    return settings.policy.model or str(settings.models_dir / settings.policy.served_name)
+
+
+def reward_model(settings: Settings) -> str:
+    """The reward worker's model. The bundled PRM head reads the bundled policy model's hidden states, so by default
+    the reward worker serves that same model (as a pooling runner)."""
+    return settings.reward.model or str(settings.models_dir / settings.policy.served_name)
 
 
 def load_shape(model: str, config_path: str) -> ModelShape:
@@ -51,14 +60,28 @@ class Gateway:
             max_connections=settings.redis_max_connections, memory_max_entries=settings.cache_memory_max_entries,
             memory_max_bytes=settings.cache_memory_max_bytes, on_event=self.metrics.cache_event)
         self.response_cache = ResponseCache(self.cache, settings.cache_response_ttl_s)
-        self.policy_pool = self._build_pool("policy", settings.policy)
-        policy_model = resolve_model_dir(settings, settings.policy.model, settings.policy.served_name)
-        self.policy = PolicyClient(self.policy_pool, load_shape(policy_model, settings.policy.config_path))
+        self.policy_pool = self._build_pool("policy", settings.policy, policy_model(settings))
+        self.policy = PolicyClient(self.policy_pool, load_shape(policy_model(settings), settings.policy.config_path))
+        self.reward_pool: WorkerPool | None = None
+        self.prm: PRMClient | None = None
+        if "prm" in settings.reward_backend:
+            self.reward_pool = self._build_pool("reward", settings.reward, reward_model(settings))
+            self.prm = self._build_prm(self.reward_pool)
         self.draining = False
         self.started_at = int(time.time())
         self._health_task: asyncio.Task | None = None
 
-    def _build_pool(self, role: str, pool_settings) -> WorkerPool:
+    def _build_prm(self, pool: WorkerPool) -> PRMClient:
+        from .models.prm_head import PRMHead, PRMTokenizer
+
+        s = self.settings
+        model = reward_model(s)
+        head = PRMHead.load(s.prm_head_path or DEFAULT_PRM_HEAD)
+        tokenizer = PRMTokenizer.from_model_dir(model, system=head.metadata.get("system"), delimiter=head.delimiter)
+        return PRMClient(pool, load_shape(model, s.reward.config_path), head, tokenizer, cache=self.cache,
+                         cache_ttl_s=s.cache_prm_ttl_s, max_model_len=s.reward.max_model_len)
+
+    def _build_pool(self, role: str, pool_settings: WorkerPoolSettings, model_dir: str) -> WorkerPool:
         s = self.settings
         if pool_settings.embedded:
             urls = [f"http://127.0.0.1:{pool_settings.port + i}" for i in range(pool_settings.replicas)]
@@ -68,26 +91,28 @@ class Gateway:
                                     connect_timeout_s=s.upstream_connect_timeout_s,
                                     request_timeout_s=s.request_timeout_s, metrics=self.metrics)
         if pool_settings.embedded:
-            model_dir = resolve_model_dir(s, pool_settings.model, pool_settings.served_name)
             for i, ep in enumerate(pool.endpoints):
                 spec = WorkerSpec(role=role, model_dir=model_dir, served_name=pool_settings.served_name,
                                   port=pool_settings.port + i, max_model_len=pool_settings.max_model_len,
                                   dtype=pool_settings.dtype, kv_cache_gib=pool_settings.kv_cache_gib,
-                                  pooling=(role == "reward"), extra_args=pool_settings.extra_args)
+                                  pooling=(role == "reward"), chunked_prefill=pool_settings.chunked_prefill,
+                                  extra_args=pool_settings.extra_args)
                 self.supervisor.add(ManagedWorker(spec, ep, s.models_dir.parent / "logs", s.vllm_cpu_threads,
                                                   s.worker_start_timeout_s, s.worker_restart), pool)
         return pool
 
-    def reward_for(self, meter: Meter) -> Reward:
+    def reward_for(self, meter: Meter, tenant: str) -> Reward:
         """The configured step verifier, metered into this request's meter."""
         backend = self.settings.reward_backend
         if backend == "arith":
             return ArithmeticReward()
-        raise ValueError(f"reward backend {backend!r} is not available")
+        assert self.prm is not None
+        prm = MeteredPRM(self.prm, meter, tenant)
+        return prm if backend == "prm" else ProductReward(prm, ArithmeticReward())
 
     @property
     def pools(self) -> list[WorkerPool]:
-        return [self.policy_pool]
+        return [self.policy_pool] + ([self.reward_pool] if self.reward_pool else [])
 
     @property
     def ready(self) -> bool:

@@ -78,11 +78,13 @@ class GatewayProcess:
 
 @pytest.fixture(scope="session")
 def gateway(prepared_policy_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    """The embedded default: gateway plus a co-located vLLM-CPU policy worker."""
+    """The embedded default: gateway plus co-located vLLM-CPU policy and reward (PRM) workers."""
     log_dir = tmp_path_factory.mktemp("gateway")
-    worker_port = free_port()
-    gw = GatewayProcess({"TTC_POLICY__PORT": str(worker_port)}, log_dir / "gateway.log")
+    worker_port, reward_port = free_port(), free_port()
+    gw = GatewayProcess({"TTC_POLICY__PORT": str(worker_port), "TTC_REWARD__PORT": str(reward_port)},
+                        log_dir / "gateway.log")
     gw.worker_url = f"http://127.0.0.1:{worker_port}"
+    gw.reward_url = f"http://127.0.0.1:{reward_port}"
     try:
         gw.wait_ready()
         yield gw
@@ -135,7 +137,8 @@ def remote_gateway(gateway: GatewayProcess, private_redis: RedisServer, tmp_path
     import json
 
     hashes = [hashlib.sha256(k.encode()).hexdigest() for k in API_KEYS]
-    env = {"TTC_POLICY__URLS": json.dumps([gateway.worker_url]), "TTC_REDIS_URL": private_redis.url,
+    env = {"TTC_POLICY__URLS": json.dumps([gateway.worker_url]), "TTC_REWARD__URLS": json.dumps([gateway.reward_url]),
+           "TTC_REDIS_URL": private_redis.url,
            "TTC_API_KEY_HASHES": json.dumps(hashes), "TTC_PROTECT_METRICS": "true"}
     gw = GatewayProcess(env, tmp_path_factory.mktemp("remote") / "gateway.log")
     try:

@@ -49,7 +49,7 @@ async def handle(gw: Gateway, ctx: RequestContext, req: Request) -> Response:
             strategy = make_strategy(options, gw.settings.max_n)
             ctx.strategy = strategy.name
             gw.metrics.strategy(strategy.name)
-            reward = gw.reward_for(ctx.meter) if strategy.requires_reward else None
+            reward = gw.reward_for(ctx.meter, ctx.tenant) if strategy.requires_reward else None
             return await search.run(gw.policy, reward, ctx, req, strategy, options.budget_flops, max_tokens, finish,
                                     {})
         except WorkerUnavailable as exc:

