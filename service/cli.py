@@ -14,6 +14,8 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
     from .api.app import create_app
+    from .api.server import DrainingServer
+    from .gateway import Gateway
     from .models.prepare import BUNDLED, prepare
 
     if args.host:
@@ -23,9 +25,11 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     # Embedded bundled models are prepared on first start, so one command takes a fresh machine to serving.
     if not settings.policy.model and settings.policy.served_name in BUNDLED:
         prepare(settings.policy.served_name, settings.models_dir)
-    app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=30, access_log=args.access_log)
+    gateway = Gateway(settings)
+    config = uvicorn.Config(create_app(settings, gateway), host=settings.host, port=settings.port,
+                            log_level=settings.log_level, access_log=args.access_log,
+                            timeout_graceful_shutdown=int(settings.drain_timeout_s))
+    DrainingServer(config, gateway, settings.drain_timeout_s).run()
     return 0
 
 
@@ -70,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     hk = sub.add_parser("hash-key", help="print the sha256 digest of an API key for TTC_API_KEY_HASHES")
     hk.add_argument("key")
     hk.set_defaults(func=_hash_key)
+
+    from . import bench, calibrate
+
+    calibrate.add_parser(sub)
+    bench.add_parser(sub)
     return parser
 
 

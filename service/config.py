@@ -55,6 +55,21 @@ class WorkerPoolSettings(BaseModel):
         return not self.urls
 
 
+class KeyPolicy(BaseModel):
+    """What one API key may buy."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_budget_flops: float | None = None
+    default_budget_flops: float | None = None
+    # Strategies this key may ask for (None: all); others fall back to the server default strategy.
+    strategies: list[str] | None = None
+    max_n: int | None = None
+    # Cumulative FLOPs this key may spend per window, enforced atomically (Redis when configured).
+    flops_quota: float | None = None
+    quota_window_s: int = 3600
+
+
 class PolicyPoolSettings(WorkerPoolSettings):
     served_name: str = DEFAULT_POLICY_NAME
     port: int = 8101
@@ -92,7 +107,22 @@ class Settings(BaseSettings):
     # or "prm*arith" (both, step scores multiplied).
     reward_backend: Literal["arith", "prm", "prm*arith"] = "prm*arith"
 
+    # Budgets (X-TTC-Budget-* headers or the body's ttc object). Defaults apply when a request names none; caps
+    # bound what any request may ask for. Per-key policies (by sha256 of the key) tighten both.
+    default_budget_flops: float | None = None
+    max_budget_flops: float | None = None
+    default_deadline_ms: int | None = None
+    # At the deadline: "best" returns the best answer found so far (search) or 504 when there is none; "error" 504s.
+    deadline_action: Literal["best", "error"] = "best"
+    key_policies: dict[str, KeyPolicy] = Field(default_factory=dict)
+
     # Limits
+    # Requests running at once (searches and pass-through alike) and requests allowed to wait for a slot.
+    max_concurrency: int = 64
+    max_queue: int = 128
+    queue_timeout_s: float = 30.0
+    # SIGTERM: /ready turns 503 at once, new requests are refused, in-flight ones get this long to finish.
+    drain_timeout_s: float = 30.0
     max_body_bytes: int = 1_048_576
     max_n: int = 64
     max_tokens_cap: int = 4096
@@ -125,6 +155,11 @@ class Settings(BaseSettings):
     @classmethod
     def _normalise_hashes(cls, v: list[str]) -> list[str]:
         return [h.removeprefix("sha256:").strip().lower() for h in v if h.strip()]
+
+    @field_validator("key_policies")
+    @classmethod
+    def _normalise_policy_keys(cls, v: dict[str, KeyPolicy]) -> dict[str, KeyPolicy]:
+        return {k.removeprefix("sha256:").strip().lower(): p for k, p in v.items()}
 
     @classmethod
     def settings_customise_sources(

@@ -14,6 +14,7 @@ from .config import Settings, WorkerPoolSettings
 from .metering import Meter, ModelShape
 from .metrics import Metrics
 from .rewards import ArithmeticReward, ProductReward
+from .serving.admission import Admission
 from .serving.response_cache import ResponseCache
 from .strategies.base import Reward
 from .workers.policy import PolicyClient
@@ -60,6 +61,8 @@ class Gateway:
             max_connections=settings.redis_max_connections, memory_max_entries=settings.cache_memory_max_entries,
             memory_max_bytes=settings.cache_memory_max_bytes, on_event=self.metrics.cache_event)
         self.response_cache = ResponseCache(self.cache, settings.cache_response_ttl_s)
+        self.admission = Admission(settings.max_concurrency, settings.max_queue, settings.queue_timeout_s,
+                                   settings.retry_after_s)
         self.policy_pool = self._build_pool("policy", settings.policy, policy_model(settings))
         self.policy = PolicyClient(self.policy_pool, load_shape(policy_model(settings), settings.policy.config_path))
         self.reward_pool: WorkerPool | None = None

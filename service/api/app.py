@@ -29,6 +29,7 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> FrontDoor:
         finally:
             gw.draining = True
             await gw.stop()
+            log.info("ttc-gateway stopped")
 
     app = FastAPI(title="ttc-gateway", version="0.1.0", lifespan=lifespan)
     app.state.gateway = gw

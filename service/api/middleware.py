@@ -49,7 +49,8 @@ class FrontDoor:
             await _reply(send_with_id, 401, "Incorrect API key provided", "authentication_error", "invalid_api_key",
                          extra_headers=[(b"www-authenticate", b"Bearer")])
             return
-        state["tenant"] = tenant
+        state["tenant"] = tenant[0]
+        state["key_hash"] = tenant[1]
 
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
@@ -58,19 +59,19 @@ class FrontDoor:
             return
         await self.app(scope, self._limited(receive), send_with_id)
 
-    def _authenticate(self, path: str, headers: dict[str, str]) -> str | None:
-        """Returns the tenant (hash of the key, or "anonymous"); None when the key is missing or wrong."""
+    def _authenticate(self, path: str, headers: dict[str, str]) -> tuple[str, str] | None:
+        """Returns (tenant, key digest) -- ("anonymous", "") without keys; None when the key is missing or wrong."""
         if not self.key_hashes:
-            return "anonymous"
+            return ("anonymous", "")
         if path in OPEN_PATHS or (path == "/metrics" and not self.protect_metrics):
-            return "anonymous"
+            return ("anonymous", "")
         auth = headers.get("authorization", "")
         if not auth.lower().startswith("bearer "):
             return None
         digest = hash_key(auth[7:].strip())
         # Constant-time comparison against each stored digest.
         if any(hmac.compare_digest(digest, h) for h in self.key_hashes):
-            return digest[:16]
+            return (digest[:16], digest)
         return None
 
     def _limited(self, receive: Callable) -> Callable:

@@ -24,18 +24,19 @@ def _context(request: Request, route: str) -> RequestContext:
         route=route,
         request_id=request.state.request_id,
         tenant=getattr(request.state, "tenant", "anonymous"),
+        key_hash=getattr(request.state, "key_hash", ""),
         headers={k.lower(): v for k, v in request.headers.items()},
     )
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-    return await handle(request.app.state.gateway, _context(request, "chat"), body)
+    return await handle(request.app.state.gateway, _context(request, "chat"), body, request.is_disconnected)
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request) -> Response:
-    return await handle(request.app.state.gateway, _context(request, "completions"), body)
+    return await handle(request.app.state.gateway, _context(request, "completions"), body, request.is_disconnected)
 
 
 @router.get("/v1/models")

@@ -23,6 +23,13 @@ class RequestContext:
     cache_status: str = "bypass"
     first_token_s: float | None = None
     finished: bool = False
+    key_hash: str = ""
+    budget_flops: float | None = None
+    difficulty: int | None = None
+    expected_accuracy: float | None = None
+    # time.monotonic() by which the request must be answered (X-TTC-Deadline-Ms), if any.
+    deadline: float | None = None
+    budget_exhausted: bool = False
 
     def mark_first_token(self) -> None:
         if self.first_token_s is None:

@@ -23,3 +23,5 @@ def record_request(metrics: Metrics, ctx: RequestContext, status: int, *, discon
         metrics.request_flops_done(ctx.strategy, m.policy.flops, m.reward.flops)
     if disconnected:
         metrics.client_disconnect()
+    if ctx.budget_exhausted:
+        metrics.budget_exhaustion(ctx.strategy)

@@ -18,7 +18,7 @@ from ..workers.pool import WorkerError, WorkerUnavailable
 from . import sse
 from .context import RequestContext
 from .response_cache import ResponseCache, body_from_stream, replay_stream
-from .responses import decorate_upstream, flops_headers, ttc_object
+from .responses import budget_fields, decorate_upstream, ttc_headers, ttc_object
 
 STRATEGY = "none"
 UPSTREAM_PATH = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
@@ -36,12 +36,6 @@ def upstream_payload(req: ChatCompletionRequest | CompletionRequest, model: str,
     return payload
 
 
-def response_headers(ctx: RequestContext, flops: bool = True) -> dict[str, str]:
-    headers = flops_headers(ctx.meter, ctx.strategy) if flops else {"X-TTC-Strategy": ctx.strategy}
-    headers["X-TTC-Cache"] = ctx.cache_status
-    return headers
-
-
 async def forward(policy: PolicyClient, cache: ResponseCache, ctx: RequestContext,
                   req: ChatCompletionRequest | CompletionRequest, max_tokens: int, finish: Finish) -> Response:
     key = cache.key_for(ctx, req, max_tokens)
@@ -50,7 +44,7 @@ async def forward(policy: PolicyClient, cache: ResponseCache, ctx: RequestContex
         if req.stream:
             return _stream_response(_finishing(replay_stream(ctx, cached, req.include_usage), ctx, finish), ctx)
         finish(ctx, 200, False)
-        return Response(orjson.dumps(cached), media_type="application/json", headers=response_headers(ctx))
+        return Response(orjson.dumps(cached), media_type="application/json", headers=ttc_headers(ctx))
 
     payload = upstream_payload(req, policy.model, max_tokens)
     path = UPSTREAM_PATH[ctx.route]
@@ -61,7 +55,7 @@ async def forward(policy: PolicyClient, cache: ResponseCache, ctx: RequestContex
     body = decorate_upstream(body, ctx, STRATEGY)
     await cache.store(ctx, key, body)
     finish(ctx, 200, False)
-    return Response(orjson.dumps(body), media_type="application/json", headers=response_headers(ctx))
+    return Response(orjson.dumps(body), media_type="application/json", headers=ttc_headers(ctx))
 
 
 async def _forward_stream(policy: PolicyClient, cache: ResponseCache, key: str | None, ctx: RequestContext,
@@ -86,7 +80,7 @@ async def _forward_stream(policy: PolicyClient, cache: ResponseCache, key: str |
                     usage_msg = orjson.loads(data)
                     policy.meter_usage(ctx.meter, usage_msg.get("usage"), n)
                     usage_msg["usage"]["flops"] = ctx.meter.total_flops
-                    usage_msg["ttc"] = ttc_object(STRATEGY, ctx.meter, cache=ctx.cache_status)
+                    usage_msg["ttc"] = ttc_object(STRATEGY, ctx.meter, cache=ctx.cache_status, **budget_fields(ctx))
                     if key is not None and first is not None:
                         stored = body_from_stream(ctx, first, "".join(collected), finish_reason,
                                                   usage_msg["usage"], usage_msg["ttc"])
@@ -132,5 +126,5 @@ async def _finishing(events: AsyncIterator[bytes], ctx: RequestContext, finish: 
 
 
 def _stream_response(events: AsyncIterator[bytes], ctx: RequestContext) -> StreamingResponse:
-    headers = dict(sse.SSE_HEADERS, **response_headers(ctx, flops=False))
+    headers = dict(sse.SSE_HEADERS, **ttc_headers(ctx, flops=False))
     return StreamingResponse(events, media_type="text/event-stream", headers=headers)

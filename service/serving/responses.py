@@ -28,8 +28,30 @@ def ttc_object(strategy: str, meter: Meter, **extra: Any) -> dict[str, Any]:
     return obj
 
 
-def flops_headers(meter: Meter, strategy: str) -> dict[str, str]:
-    return {"X-TTC-FLOPs": f"{meter.total_flops:.6e}", "X-TTC-Strategy": strategy}
+def ttc_headers(ctx: RequestContext, flops: bool = True) -> dict[str, str]:
+    """The X-TTC-* response headers; a stream's headers leave before its FLOPs are known (they go in its usage chunk)."""
+    headers = {"X-TTC-Strategy": ctx.strategy, "X-TTC-Cache": ctx.cache_status}
+    if flops:
+        headers["X-TTC-FLOPs"] = f"{ctx.meter.total_flops:.6e}"
+        if ctx.budget_flops is not None:
+            headers["X-TTC-Budget-Remaining-FLOPs"] = f"{ctx.budget_flops - ctx.meter.total_flops:.6e}"
+    if ctx.difficulty is not None:
+        headers["X-TTC-Difficulty"] = str(ctx.difficulty)
+    if ctx.expected_accuracy is not None:
+        headers["X-TTC-Expected-Accuracy"] = f"{ctx.expected_accuracy:.4f}"
+    return headers
+
+
+def budget_fields(ctx: RequestContext) -> dict[str, Any]:
+    """What the `ttc` object adds about budget and routing (also carried by a stream's final usage chunk)."""
+    out: dict[str, Any] = {}
+    if ctx.budget_flops is not None:
+        out["budget"] = {"flops": ctx.budget_flops, "remaining_flops": ctx.budget_flops - ctx.meter.total_flops}
+    if ctx.difficulty is not None:
+        out["difficulty"] = ctx.difficulty
+    if ctx.expected_accuracy is not None:
+        out["expected_accuracy"] = ctx.expected_accuracy
+    return out
 
 
 def usage_block(meter: Meter, prompt_tokens: int | None = None, completion_tokens: int | None = None) -> dict[str, Any]:
@@ -58,7 +80,7 @@ def decorate_upstream(body: dict[str, Any], ctx: RequestContext, strategy: str, 
     if usage.get("completion_tokens_details") is None:
         usage.pop("completion_tokens_details", None)
     body["usage"] = usage
-    body["ttc"] = ttc_object(strategy, ctx.meter, **extra)
+    body["ttc"] = ttc_object(strategy, ctx.meter, cache=ctx.cache_status, **budget_fields(ctx), **extra)
     return body
 
 

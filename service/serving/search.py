@@ -17,8 +17,9 @@ from ..workers.policy import MeteredPolicy, PolicyClient
 from ..workers.pool import WorkerError, WorkerUnavailable
 from . import sse
 from .context import RequestContext
-from .passthrough import Finish, response_headers
-from .responses import chat_response, chunk, completion_response, ttc_object, usage_block, usage_chunk
+from .passthrough import Finish
+from .responses import (budget_fields, chat_response, chunk, completion_response, ttc_headers, ttc_object, usage_block,
+                        usage_chunk)
 
 KEEP_ALIVE_S = 5.0
 DEFAULT_TEMPERATURE = 0.8
@@ -46,18 +47,19 @@ def result_ttc(ctx: RequestContext, strategy: Strategy, reward_name: str | None,
     return ttc_object(
         strategy.name, ctx.meter, params=strategy.params.model_dump(), reward=reward_name,
         samples=result.samples, steps=result.steps, answer=result.answer, score=result.score,
-        budget_exhausted=result.budget_exhausted, cache=ctx.cache_status, details=result.details or None, **extra)
+        budget_exhausted=result.budget_exhausted, cache=ctx.cache_status, details=result.details or None,
+        **budget_fields(ctx), **extra)
 
 
 async def run(policy_client: PolicyClient, reward: Any, ctx: RequestContext,
               req: ChatCompletionRequest | CompletionRequest, strategy: Strategy, budget_flops: float | None,
-              max_tokens: int, finish: Finish, extra: dict[str, Any]) -> Response:
+              max_tokens: int, finish: Finish, extra: dict[str, Any], soft_deadline: float | None = None) -> Response:
     if req.n != 1:
         raise APIError(400, "n must be 1 with a ttc strategy; the number of samples is ttc.n", param="n",
                        code="invalid_value")
     problem = await build_problem(policy_client, ctx, req, max_tokens)
     policy = MeteredPolicy(policy_client, ctx.meter)
-    budget = ComputeBudget(budget_flops, lambda: ctx.meter.total_flops)
+    budget = ComputeBudget(budget_flops, lambda: ctx.meter.total_flops, deadline=soft_deadline)
     one_answer = policy.estimate_flops([problem.prompt], SamplingParams(max_tokens=max_tokens, temperature=0.0))
     if not budget.allows(one_answer):
         raise APIError(400, f"The FLOPs budget {budget_flops:.3e} cannot pay for even one answer of up to "
@@ -66,15 +68,16 @@ async def run(policy_client: PolicyClient, reward: Any, ctx: RequestContext,
     reward_name = getattr(reward, "name", None)
     if not req.stream:
         result = await strategy.run(problem, policy, reward, budget)
+        ctx.budget_exhausted = result.budget_exhausted
         ttc = result_ttc(ctx, strategy, reward_name, result, extra)
         build = chat_response if ctx.route == "chat" else completion_response
         body = build(ctx, policy_client.model, result.text, result.finish_reason, ttc, usage_block(ctx.meter))
         finish(ctx, 200, False)
-        return Response(orjson.dumps(body), media_type="application/json", headers=response_headers(ctx))
+        return Response(orjson.dumps(body), media_type="application/json", headers=ttc_headers(ctx))
     events = _stream(policy_client.model, ctx, strategy, problem, policy, reward, budget, req.include_usage,
                      finish, extra)
     return StreamingResponse(events, media_type="text/event-stream",
-                             headers=dict(sse.SSE_HEADERS, **response_headers(ctx, flops=False)))
+                             headers=dict(sse.SSE_HEADERS, **ttc_headers(ctx, flops=False)))
 
 
 async def _stream(model: str, ctx: RequestContext, strategy: Strategy, problem: Problem, policy: MeteredPolicy,
@@ -106,6 +109,7 @@ async def _stream(model: str, ctx: RequestContext, strategy: Strategy, problem: 
                     # Proxies close idle streams; a comment line keeps this one open while the search runs.
                     yield sse.KEEP_ALIVE
         result = task.result()
+        ctx.budget_exhausted = result.budget_exhausted
         rest = result.text[len(sent):] if result.text.startswith(sent) else result.text
         if rest:
             ctx.mark_first_token()

@@ -7,6 +7,7 @@ which keeps them testable in milliseconds against in-memory fakes and reusable b
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Protocol, Sequence
 
@@ -80,9 +81,11 @@ class Reward(Protocol):
 class ComputeBudget:
     """What a request may spend. `spent` reads the live meter so strategies see policy and reward FLOPs alike."""
 
-    def __init__(self, limit_flops: float | None, spent: Callable[[], float]):
+    def __init__(self, limit_flops: float | None, spent: Callable[[], float], deadline: float | None = None):
         self.limit_flops = limit_flops
         self._spent = spent
+        # time.monotonic() after which nothing new may start: the search returns its best so far.
+        self.deadline = deadline
 
     @property
     def spent(self) -> float:
@@ -93,6 +96,8 @@ class ComputeBudget:
 
     def allows(self, extra_flops: float) -> bool:
         """True if spending `extra_flops` more stays within the limit (anytime strategies ask before expanding)."""
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return False
         return self.limit_flops is None or self.spent + extra_flops <= self.limit_flops
 
     @classmethod

@@ -1,0 +1,525 @@
+"""`ttc-gateway calibrate`: run the strategy grid over calibration problems on real workers, bin the problems by
+predicted difficulty and choose per (bin, budget) the best strategy by 2-fold cross-validation (Snell et al. A1).
+
+Cost accounting (also used by `bench`):
+- Each problem's prompt is prefilled once by an unmetered 1-token warm-up, so every strategy run sees the same prefix
+  cache state; every request is then charged the prefill of its QUESTION tokens (the tokens after the few-shot prefix
+  that all problems share, which a serving deployment keeps in vLLM's prefix cache). Everything else is the meter's
+  measurement (policy + reward FLOPs, prefix-cache aware).
+- Best-of-N is drawn once with n=16 and scored once; best-of-N at N = 1, 2, 4, 8, 16 uses the first N samples
+  (prefixes, so the router's probe samples are exactly the first k of them). Its FLOPs: the N samples' decode FLOPs,
+  N/16 of the reward call, plus the question charge.
+- One "generation" (the budget unit) = the mean per-sample FLOPs of those best-of-16 draws, policy plus reward.
+
+Per-problem results are cached as JSONL in the work dir (one line per problem and config); a rerun skips done work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from .router.table import N_BINS, PolicyTable, quantile_cuts, select_by_cv
+
+log = logging.getLogger("ttc.calibrate")
+
+BON_N = 16
+MAX_TOKENS = 96
+TEMPERATURE = 0.8
+BUDGET_GENERATIONS = (1, 2, 4, 8, 16)
+PROBE_KS = (2, 4)
+
+
+@dataclass(frozen=True)
+class Config:
+    strategy: str
+    params: tuple[tuple[str, Any], ...]
+    generations: int  # nominal cost in generations (Snell: N; lookahead k: N * (k + 1))
+
+    @property
+    def key(self) -> str:
+        return config_key(self.strategy, dict(self.params))
+
+    @property
+    def params_dict(self) -> dict[str, Any]:
+        return dict(self.params)
+
+
+def config_key(strategy: str, params: dict[str, Any]) -> str:
+    return strategy + ":" + ",".join(f"{k}={params[k]}" for k in sorted(params))
+
+
+def _cfg(strategy: str, generations: int, **params: Any) -> Config:
+    return Config(strategy, tuple(sorted(params.items())), generations)
+
+
+# The searched grid (pruned to the 2-core compute; see the module docstring of bench and the report):
+# beam search M = sqrt(N) (rounded to a divisor) and M = 4, lookahead 1 at the smallest N; DVTS; REBASE; revisions
+# with one sequential:parallel ratio. Best-of-N comes from the shared n=16 draw.
+SEARCH_GRID: tuple[Config, ...] = (
+    _cfg("beam_search", 4, n=4, beam_width=2, lookahead=0),
+    _cfg("beam_search", 8, n=8, beam_width=4, lookahead=0),
+    _cfg("beam_search", 8, n=4, beam_width=2, lookahead=1),
+    _cfg("dvts", 4, n=4, beam_width=2),
+    _cfg("dvts", 8, n=8, beam_width=4),
+    _cfg("rebase", 4, n=4),
+    _cfg("rebase", 8, n=8),
+    _cfg("revisions", 4, n=4, chain_length=2),
+)
+TINY_GRID: tuple[Config, ...] = (_cfg("beam_search", 2, n=2, beam_width=2, lookahead=0),)
+
+
+def bon_configs(max_n: int = BON_N) -> list[Config]:
+    return [_cfg("best_of_n", n, n=n, selection=s) for s in ("weighted", "majority")
+            for n in (1, 2, 4, 8, 16) if n <= max_n]
+
+
+# ---- problems ------------------------------------------------------------------------------------------------------
+
+def load_pool(specs: Sequence[str], seed: int = 20261123) -> list[dict[str, Any]]:
+    """All problems of the datasets, each shuffled with `seed`, interleaved round-robin; `path:w` takes w rows of that
+    dataset per round (a weighted mix). Calibrate takes the head of this order, bench the problems not calibrated on."""
+    from .prompts import load_dataset
+
+    lists = []
+    for spec in specs:
+        path, _, w = spec.partition(":") if re.search(r":\d+$", spec) else (spec, "", "1")
+        rows = load_dataset(path)
+        random.Random(f"{seed}:{Path(path).stem}").shuffle(rows)
+        lists.append((rows, int(w or 1)))
+    out, pos = [], [0] * len(lists)
+    while any(pos[i] < len(rows) for i, (rows, _) in enumerate(lists)):
+        for i, (rows, w) in enumerate(lists):
+            out.extend(rows[pos[i]:pos[i] + w])
+            pos[i] += w
+    for row in out:
+        row["id"] = str(row["id"])
+    return out
+
+
+# ---- running the grid on real workers ------------------------------------------------------------------------------
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", s.lower()).strip("_")
+
+
+class GridRunner:
+    """Runs configs on problems through an in-process Gateway's workers; caches one JSONL line per (problem, key)."""
+
+    def __init__(self, gw: Any, work_dir: Path, reward_backend: str, max_tokens: int = MAX_TOKENS,
+                 concurrency: int = 6, bon_n: int = BON_N):
+        self.gw = gw
+        self.reward_backend = reward_backend
+        self.max_tokens = max_tokens
+        self.bon_n = bon_n
+        self.sem = asyncio.Semaphore(concurrency)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        self.path = work_dir / f"results_{_slug(reward_backend)}_t{max_tokens}.jsonl"
+        self.done: dict[tuple[str, str], dict[str, Any]] = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                if line.strip():
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:  # a line cut off by a kill
+                        continue
+                    self.done[(rec["id"], rec["key"])] = rec
+        self._fh = open(self.path, "a", encoding="utf-8")
+        self._ref_ids: list[int] | None = None
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def _write(self, rec: dict[str, Any]) -> None:
+        self.done[(rec["id"], rec["key"])] = rec
+        self._fh.write(json.dumps(rec) + "\n")
+        self._fh.flush()
+
+    async def _token_ids(self, text: str) -> list[int]:
+        body = await self.gw.policy.pool.post_json("/tokenize", {"model": self.gw.policy.model, "prompt": text,
+                                                                 "add_special_tokens": False})
+        return list(body["tokens"])
+
+    async def _prompt(self, row: dict[str, Any]) -> tuple[str, int, int]:
+        """(rendered prompt, its tokens, tokens shared with every other problem's prompt: the few-shot prefix)."""
+        from .prompts import math_messages, style_for
+
+        style = style_for(row.get("source", ""))
+        prompt = await self.gw.policy.render_chat(math_messages(row["question"], style))
+        if self._ref_ids is None:
+            ref = await self.gw.policy.render_chat(math_messages("What is 1 + 1?", style))
+            self._ref_ids = await self._token_ids(ref)
+        ids = await self._token_ids(prompt)
+        shared = 0
+        for a, b in zip(ids, self._ref_ids):
+            if a != b:
+                break
+            shared += 1
+        return prompt, len(ids), shared
+
+    async def run_problem(self, row: dict[str, Any], configs: Sequence[Config]) -> None:
+        from .metering import Meter
+        from .strategies import build_strategy
+        from .strategies.base import ComputeBudget, Problem, SamplingParams
+        from .strategies.steps import split_steps
+        from .strategies.voting import answers_equivalent, extract_answer
+        from .workers.policy import MeteredPolicy
+
+        pid = row["id"]
+        todo = [c for c in configs if (pid, c.key) not in self.done]
+        need_bon = (pid, "bon") not in self.done
+        if not todo and not need_bon:
+            return
+        async with self.sem:
+            prompt, plen, shared = await self._prompt(row)
+            shape = self.gw.policy.shape
+            charge = shape.forward_flops(plen - shared, shared)
+            warm = MeteredPolicy(self.gw.policy, Meter())
+            await warm.generate([prompt], SamplingParams(max_tokens=1, temperature=TEMPERATURE), 1)
+            gold = str(row["answer"])
+            base = {"id": pid, "source": row.get("source"), "level": row.get("level"), "gold": gold,
+                    "question": row["question"], "prompt_tokens": plen, "shared_tokens": shared,
+                    "question_charge": charge}
+
+            async def bon() -> None:
+                meter = Meter()
+                policy = MeteredPolicy(self.gw.policy, meter)
+                reward = self.gw.reward_for(meter, "calibration")
+                t0 = time.monotonic()
+                out = (await policy.generate([prompt], SamplingParams(max_tokens=self.max_tokens,
+                                                                      temperature=TEMPERATURE), self.bon_n))[0]
+                pol = meter.policy.flops
+                scores = await reward.score(row["question"], [split_steps(c.text, "\n") for c in out])
+                samples = []
+                for c, s in zip(out, scores):
+                    ans = extract_answer(c.text)
+                    samples.append({"answer": ans, "correct": answers_equivalent(ans, gold),
+                                    "last": float(s[-1]) if s else 0.0, "steps": len(s), "tokens": c.token_count,
+                                    "policy_flops": shape.generation_flops(plen, plen, [c.token_count])})
+                self._write({**base, "key": "bon", "n": self.bon_n, "samples": samples, "policy_flops": pol,
+                             "reward_flops": meter.reward.flops, "seconds": time.monotonic() - t0})
+
+            async def one(cfg: Config) -> None:
+                meter = Meter()
+                policy = MeteredPolicy(self.gw.policy, meter)
+                reward = self.gw.reward_for(meter, "calibration")
+                strategy = build_strategy(cfg.strategy, cfg.params_dict)
+                problem = Problem(prompt=prompt, question=row["question"], max_tokens=self.max_tokens,
+                                  temperature=TEMPERATURE)
+                t0 = time.monotonic()
+                try:
+                    res = await strategy.run(problem, policy, reward, ComputeBudget(None, lambda: meter.total_flops))
+                except Exception as exc:  # one failed run must not sink the calibration; it is recorded as wrong
+                    log.warning("%s on %s failed: %r", cfg.key, pid, exc)
+                    self._write({**base, "key": cfg.key, "error": repr(exc), "correct": False,
+                                 "flops": meter.total_flops + charge, "generations": cfg.generations})
+                    return
+                self._write({**base, "key": cfg.key, "strategy": cfg.strategy, "params": cfg.params_dict,
+                             "generations": cfg.generations, "answer": res.answer,
+                             "correct": answers_equivalent(res.answer, gold),
+                             "flops": meter.total_flops + charge, "policy_flops": meter.policy.flops,
+                             "reward_flops": meter.reward.flops, "samples": res.samples,
+                             "exhausted": res.budget_exhausted, "seconds": time.monotonic() - t0})
+
+            await asyncio.gather(*([bon()] if need_bon else []), *(one(c) for c in todo))
+
+    async def run(self, rows: Sequence[dict[str, Any]], configs: Sequence[Config], label: str = "grid",
+                  every: int = 4) -> None:
+        t0 = time.monotonic()
+        pending = [r for r in rows if (r["id"], "bon") not in self.done
+                   or any((r["id"], c.key) not in self.done for c in configs)]
+        print(f"[{label}] {len(rows)} problems x {len(configs)} configs + best-of-{self.bon_n}; "
+              f"{len(rows) - len(pending)} already cached in {self.path}", flush=True)
+        finished = 0
+
+        async def go(row: dict[str, Any]) -> None:
+            nonlocal finished
+            await self.run_problem(row, configs)
+            finished += 1
+            if finished % every == 0 or finished == len(pending):
+                el = time.monotonic() - t0
+                eta = el / finished * (len(pending) - finished)
+                print(f"[{label}] {finished}/{len(pending)} problems, {el:.0f} s elapsed, ETA {eta:.0f} s",
+                      flush=True)
+
+        await asyncio.gather(*(go(r) for r in pending))
+
+    def records(self, rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+        out: dict[str, dict[str, dict[str, Any]]] = {}
+        for r in rows:
+            out[r["id"]] = {k: v for (pid, k), v in self.done.items() if pid == r["id"]}
+        return out
+
+
+# ---- outcomes from records (pure) ----------------------------------------------------------------------------------
+
+def _bon_select(samples: Sequence[dict[str, Any]], selection: str) -> bool:
+    from .strategies.voting import Candidate, select
+
+    cands = [Candidate(text="", answer=s["answer"], score=s["last"]) for s in samples]
+    if not cands:
+        return False
+    chosen = select(cands, selection).candidate  # type: ignore[arg-type]
+    return bool(samples[next(j for j, c in enumerate(cands) if c is chosen)]["correct"])
+
+
+def bon_outcome(bon: dict[str, Any], n: int, selection: str) -> tuple[bool, float]:
+    """(correct, FLOPs) of best-of-n from the first n samples of the shared draw."""
+    samples = bon["samples"][:n]
+    flops = sum(s["policy_flops"] for s in samples) + bon["reward_flops"] * len(samples) / len(bon["samples"])
+    return _bon_select(samples, selection), flops + bon["question_charge"]
+
+
+def probe_of(bon: dict[str, Any], k: int) -> tuple[float, float]:
+    """(statistic: mean last-step score of the first k samples, FLOPs of drawing and scoring them)."""
+    samples = bon["samples"][:k]
+    stat = sum(s["last"] for s in samples) / len(samples)
+    return stat, bon_outcome(bon, k, "weighted")[1]
+
+
+def outcomes(rec: dict[str, dict[str, Any]], configs: Sequence[Config]) -> dict[str, tuple[bool, float]]:
+    """Per config key: (correct, FLOPs) for one problem."""
+    out: dict[str, tuple[bool, float]] = {}
+    for c in configs:
+        if c.strategy == "best_of_n":
+            out[c.key] = bon_outcome(rec["bon"], c.params_dict["n"], c.params_dict["selection"])
+        elif c.key in rec:
+            out[c.key] = (bool(rec[c.key]["correct"]), float(rec[c.key]["flops"]))
+    return out
+
+
+def generation_flops(recs: Iterable[dict[str, dict[str, Any]]]) -> dict[str, float]:
+    pol, rew, n = 0.0, 0.0, 0
+    for rec in recs:
+        b = rec["bon"]
+        pol += sum(s["policy_flops"] for s in b["samples"])
+        rew += b["reward_flops"]
+        n += len(b["samples"])
+    return {"per_generation": (pol + rew) / n, "policy": pol / n, "reward": rew / n, "samples": n}
+
+
+# ---- building the table --------------------------------------------------------------------------------------------
+
+def build_table(ids: Sequence[str], recs: dict[str, dict[str, dict[str, Any]]], configs: Sequence[Config], k: int,
+                budgets_gen: Sequence[int], gen_flops: float, reward_backend: str, estimator: str = "probe",
+                seed: int = 0) -> PolicyTable:
+    from .router.difficulty import PromptDifficultyModel
+
+    stats = {i: probe_of(recs[i]["bon"], k)[0] for i in ids}
+    cuts = quantile_cuts(list(stats.values()))
+    table = PolicyTable(cuts=cuts, entries=[], reward_backend=reward_backend, estimator=estimator,
+                        probe={"k": k, "temperature": TEMPERATURE, "max_tokens": MAX_TOKENS})
+    table.prompt_model = PromptDifficultyModel.fit([recs[i]["bon"]["question"] for i in ids],
+                                                   [stats[i] for i in ids]).to_dict()
+    table.budgets = [{"generations": g, "flops": g * gen_flops} for g in budgets_gen]
+    outs = {i: outcomes(recs[i], configs) for i in ids}
+    for b in range(1, N_BINS + 1):
+        members = [i for i in ids if table.bin_of(stats[i]) == b]
+        if not members:
+            continue
+        for g in budgets_gen:
+            cands = [c for c in configs if c.generations <= g and all(c.key in outs[i] for i in members)]
+            if not cands:
+                continue
+            correct = {c.key: [float(outs[i][c.key][0]) for i in members] for c in cands}
+            cost = {c.key: sum(outs[i][c.key][1] for i in members) / len(members) for c in cands}
+            key, cv = select_by_cv(correct, cost, seed=seed + 31 * b + g)
+            cfg = next(c for c in cands if c.key == key)
+            table.entries.append({"bin": b, "budget_generations": g, "budget_flops": g * gen_flops,
+                                  "strategy": cfg.strategy, "params": cfg.params_dict, "expected_accuracy": cv,
+                                  "in_bin_accuracy": sum(correct[key]) / len(members), "mean_flops": cost[key],
+                                  "n_problems": len(members)})
+    return table
+
+
+def route(table: PolicyTable, rec: dict[str, dict[str, Any]], budget_flops: float, configs: Sequence[Config],
+          estimator: str | None = None) -> dict[str, Any]:
+    """What `auto` does on one problem (from its recorded runs): estimate the bin, look the strategy up, run it.
+
+    probe: the k probe samples are the first k of the best-of-16 draw; their FLOPs count. A best-of-n choice reuses
+    them (n <= k: vote over the k probe samples; n > k: the first n samples). When even the probe does not fit the
+    budget, the prompt estimator decides instead (no FLOPs).
+    """
+    from .router.difficulty import prompt_bin
+
+    estimator = estimator or table.estimator
+    k = int(table.probe["k"])
+    bon = rec["bon"]
+    stat, probe_flops = probe_of(bon, k)
+    used = estimator
+    if estimator == "probe" and probe_flops <= budget_flops:
+        b = table.bin_of(stat)
+        choice = table.lookup(b, budget_flops - probe_flops + bon["question_charge"])
+    else:
+        used = "prompt"
+        b = prompt_bin(table, bon["question"])
+        choice = table.lookup(b, budget_flops)
+        probe_flops = 0.0
+    assert choice is not None
+    key = config_key(choice.strategy, choice.params)
+    if choice.strategy == "best_of_n":
+        n = int(choice.params["n"])
+        if used == "probe":
+            n = max(n, k)
+        correct, flops = bon_outcome(bon, n, choice.params.get("selection", "weighted"))
+    else:
+        outs = outcomes(rec, [c for c in configs if c.key == key])
+        if key not in outs:
+            raise KeyError(f"no recorded run of {key} for problem {bon['id']}")
+        correct, flops = outs[key]
+        if probe_flops:
+            flops += probe_flops - bon["question_charge"]  # the question is prefilled once per request
+    return {"correct": bool(correct), "flops": flops, "bin": b, "key": key, "estimator": used}
+
+
+def choose_estimator(ids: Sequence[str], recs: dict[str, dict[str, dict[str, Any]]], configs: Sequence[Config],
+                     budgets_gen: Sequence[int], gen_flops: float, reward_backend: str,
+                     seed: int = 0) -> tuple[str, int, dict[str, Any]]:
+    """2-fold CV on the calibration problems: build the table on one half, route the other half with each
+    (estimator, probe k), both ways. Score = mean accuracy over the budget grid (matched budgets)."""
+    order = list(ids)
+    random.Random(seed).shuffle(order)
+    folds = (order[: len(order) // 2], order[len(order) // 2:])
+    report: dict[str, Any] = {}
+    for k in PROBE_KS:
+        for est in ("probe", "prompt"):
+            accs, flops = [], []
+            for g in budgets_gen:
+                hits, spent, n = 0, 0.0, 0
+                for a, b in ((0, 1), (1, 0)):
+                    t = build_table(folds[a], recs, configs, k, budgets_gen, gen_flops, reward_backend, est, seed)
+                    for i in folds[b]:
+                        r = route(t, recs[i], g * gen_flops, configs)
+                        hits += r["correct"]
+                        spent += r["flops"]
+                        n += 1
+                accs.append(hits / n)
+                flops.append(spent / n)
+            report[f"{est}_k{k}"] = {"accuracy": accs, "mean_flops": flops, "budget_generations": list(budgets_gen),
+                                     "mean_accuracy": sum(accs) / len(accs)}
+    best = max(report, key=lambda name: (report[name]["mean_accuracy"], name.startswith("prompt")))
+    est, _, k = best.partition("_k")
+    return est, int(k), report
+
+
+# ---- CLI -----------------------------------------------------------------------------------------------------------
+
+def gateway_settings(reward_backend: str, policy_port: int, reward_port: int, policy_url: str = "",
+                     reward_url: str = "") -> Any:
+    from .config import Settings
+
+    policy: dict[str, Any] = {"port": policy_port}
+    reward: dict[str, Any] = {"port": reward_port}
+    if policy_url:
+        policy["urls"] = [policy_url]
+    if reward_url:
+        reward["urls"] = [reward_url]
+    return Settings(policy=policy, reward=reward, reward_backend=reward_backend)
+
+
+async def with_gateway(settings: Any, fn: Any) -> Any:
+    from .gateway import Gateway
+    from .models.prepare import BUNDLED, prepare
+
+    if settings.policy.embedded and not settings.policy.model and settings.policy.served_name in BUNDLED:
+        prepare(settings.policy.served_name, settings.models_dir)
+    gw = Gateway(settings)
+    t0 = time.monotonic()
+    try:
+        await gw.start()
+        print(f"workers ready in {time.monotonic() - t0:.0f} s", flush=True)
+        return await fn(gw)
+    finally:
+        await gw.stop()
+
+
+def model_info(settings: Any) -> dict[str, Any]:
+    import hashlib
+
+    from .gateway import DEFAULT_PRM_HEAD
+
+    head = Path(settings.prm_head_path or DEFAULT_PRM_HEAD)
+    return {"policy": settings.policy.served_name,
+            "reward_head": f"{head.name} sha256:{hashlib.sha256(head.read_bytes()).hexdigest()[:16]}"
+            if head.exists() else None}
+
+
+def add_worker_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reward", default="prm*arith", choices=("arith", "prm", "prm*arith"), help="reward backend")
+    p.add_argument("--policy-port", type=int, default=8401)
+    p.add_argument("--reward-port", type=int, default=8411)
+    p.add_argument("--policy-url", default="", help="use running workers instead of starting them")
+    p.add_argument("--reward-url", default="")
+    p.add_argument("--concurrency", type=int, default=6, help="problems in flight")
+    p.add_argument("--seed", type=int, default=20261123, help="shuffle of the dataset pool")
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("calibrate", help="run the strategy grid and write a compute-optimal policy table")
+    p.add_argument("--dataset", action="append", required=True, help="JSONL file (path or path:weight); repeatable")
+    p.add_argument("--limit", type=int, required=True, help="calibration problems (head of the seeded pool)")
+    p.add_argument("--out", required=True, help="policy table JSON to write")
+    p.add_argument("--work-dir", required=True, help="per-problem results cache (resumable)")
+    p.add_argument("--grid", default="full", choices=("full", "tiny"), help="tiny: best-of-N + one beam config")
+    p.add_argument("--budgets", default=",".join(map(str, BUDGET_GENERATIONS)), help="budgets in generations")
+    add_worker_args(p)
+    p.set_defaults(func=main)
+
+
+def grid(name: str, budgets: Sequence[int]) -> list[Config]:
+    top = max(budgets)
+    search = SEARCH_GRID if name == "full" else TINY_GRID
+    return bon_configs(top) + [c for c in search if c.generations <= top]
+
+
+def main(settings: Any, args: argparse.Namespace) -> int:
+    budgets = sorted(int(b) for b in args.budgets.split(","))
+    configs = grid(args.grid, budgets)
+    rows = load_pool(args.dataset, args.seed)[: args.limit]
+    gws = gateway_settings(args.reward, args.policy_port, args.reward_port, args.policy_url, args.reward_url)
+    t0 = time.monotonic()
+
+    async def work(gw: Any) -> dict[str, Any]:
+        runner = GridRunner(gw, Path(args.work_dir), args.reward, concurrency=args.concurrency,
+                            bon_n=max(max(budgets), max(PROBE_KS)))
+        try:
+            await runner.run(rows, [c for c in configs if c.strategy != "best_of_n"], "calibrate")
+        finally:
+            runner.close()
+        return runner.records(rows)
+
+    recs = asyncio.run(with_gateway(gws, work))
+    run_s = time.monotonic() - t0
+    ids = [r["id"] for r in rows]
+    gen = generation_flops(recs[i] for i in ids)
+    est, k, report = choose_estimator(ids, recs, configs, budgets, gen["per_generation"], args.reward)
+    table = build_table(ids, recs, configs, k, budgets, gen["per_generation"], args.reward, est)
+    table.models = model_info(gws)
+    table.generation_flops = gen
+    table.calibration = {"problem_ids": ids, "datasets": args.dataset, "seed": args.seed, "problems": len(ids),
+                         "configs": [c.key for c in configs], "estimator_cv": report,
+                         "cost_accounting": "see service/calibrate.py docstring", "run_seconds": round(run_s)}
+    table.save(args.out)
+    print(f"wrote {args.out}: estimator {est} (probe k={k}), cuts {[round(c, 3) for c in table.cuts]}, "
+          f"1 generation = {gen['per_generation']:.3g} FLOPs; run {run_s:.0f} s")
+    for name, r in report.items():
+        print(f"  CV {name}: accuracy per budget {[round(a, 3) for a in r['accuracy']]} "
+              f"mean {r['mean_accuracy']:.3f}")
+    for e in table.entries:
+        print(f"  bin {e['bin']} budget {e['budget_generations']:>2} gen: {config_key(e['strategy'], e['params'])}"
+              f"  cv-acc {e['expected_accuracy']:.2f}  flops {e['mean_flops']:.3g}  n={e['n_problems']}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main(None, argparse.Namespace()))

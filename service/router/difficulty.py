@@ -1,0 +1,175 @@
+"""Difficulty estimation for the router.
+
+(a) `probe_difficulty`: Snell's model-predicted difficulty. k samples at temperature 0.8, scored by the configured
+    reward; the statistic is the mean last-step score. Its FLOPs land on the request's meter (they count against the
+    budget), and its samples come back so the chosen strategy can reuse them (`best_of_n_with_probe`).
+(b) `PromptDifficultyModel`: no decoding at all. A ridge regression over prompt statistics (length, numbers, digits,
+    operators, parentheses, cue words) fitted at calibration time to predict the probe statistic; the table's cut
+    points turn the prediction into a bin.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from ..strategies.base import Completion, ComputeBudget, Policy, Problem, Reward, SamplingParams, StrategyResult
+from ..strategies.calls import BudgetedCalls, build_result, empty_result
+from ..strategies.params import DEFAULT_STEP_DELIMITER
+from ..strategies.steps import split_steps
+from ..strategies.voting import Candidate, aggregate_scores, select
+from .table import PolicyTable
+
+
+# ---- (a) the probe ---------------------------------------------------------------------------------------------
+
+@dataclass
+class ProbeResult:
+    statistic: float
+    bin: int
+    samples: list[Completion]
+    # Step scores per sample (None when the budget did not allow scoring: the statistic is then 0, bin 5).
+    scores: list[list[float]] | None
+    flops: float
+    budget_exhausted: bool = False
+
+
+def probe_statistic(scores: Sequence[Sequence[float]]) -> float:
+    """Mean last-step score over the probe samples (a sample without steps scores 0)."""
+    return sum(aggregate_scores(row, "last") for row in scores) / len(scores) if scores else 0.0
+
+
+async def probe_difficulty(problem: Problem, policy: Policy, reward: Reward, table: PolicyTable,
+                           budget: ComputeBudget | None = None, k: int | None = None) -> ProbeResult:
+    """Draw k samples (table.probe: k, temperature), score them, bin the mean last-step score."""
+    budget = budget or ComputeBudget.unlimited()
+    k = int(k or table.probe.get("k", 4))
+    before = budget.spent
+    calls = BudgetedCalls(policy, reward, budget, problem.seed)
+    sampling = SamplingParams(max_tokens=problem.max_tokens, temperature=float(table.probe.get("temperature", 0.8)),
+                              top_p=problem.top_p, stop=problem.stop)
+    while k > 0 and not budget.allows(policy.estimate_flops([problem.prompt], sampling, k)):
+        k -= 1
+    if k == 0:
+        return ProbeResult(0.0, table.bin_of(0.0), [], None, 0.0, True)
+    out = await calls.generate([problem.prompt], sampling, k)
+    samples = out[0] if out else []
+    scores = await calls.score(problem.question, [split_steps(c.text, DEFAULT_STEP_DELIMITER) for c in samples])
+    stat = probe_statistic(scores) if scores is not None else 0.0
+    return ProbeResult(stat, table.bin_of(stat), samples, scores, budget.spent - before, calls.exhausted)
+
+
+async def best_of_n_with_probe(problem: Problem, policy: Policy, reward: Reward | None, budget: ComputeBudget,
+                               probe: ProbeResult, n: int, selection: str = "weighted",
+                               aggregation: str = "last", temperature: float = 0.8) -> StrategyResult:
+    """Best-of-N where the probe's k samples (already paid for and scored) count towards N.
+
+    Draws max(0, n - k) more samples (shrinking to what the budget allows), scores only the new ones, and votes over
+    all of them. With n <= k nothing new is drawn and the vote runs over the k probe samples (more evidence at no
+    extra cost). This is the hook the serving layer needs: BestOfN.run(..., prior=[(completion, step_scores)]).
+    """
+    calls = BudgetedCalls(policy, reward, budget, problem.seed)
+    sampling = SamplingParams(max_tokens=problem.max_tokens, temperature=temperature, top_p=problem.top_p,
+                              stop=problem.stop)
+    prior = list(probe.samples)
+    prior_scores = probe.scores if probe.scores is not None else [[] for _ in prior]
+    extra = max(0, n - len(prior))
+    while extra > 0 and not budget.allows(policy.estimate_flops([problem.prompt], sampling, extra)):
+        extra -= 1
+    calls.exhausted = len(prior) + extra < n
+    new: list[Completion] = []
+    if extra:
+        out = await calls.generate([problem.prompt], sampling, extra)
+        new = out[0] if out else []
+    if not prior and not new:
+        return empty_result(calls)
+    candidates = [Candidate.of(c.text, 1.0, c.finish_reason, c.token_count) for c in prior + new]
+    selection_used = selection
+    if selection != "majority":
+        new_scores: list[list[float]] | None = []
+        if new:
+            new_scores = await calls.score(problem.question, [split_steps(c.text, DEFAULT_STEP_DELIMITER)
+                                                              for c in new])
+        if new_scores is None or probe.scores is None:
+            selection_used = "majority"
+        else:
+            for cand, row in zip(candidates, list(prior_scores) + list(new_scores)):
+                cand.score = aggregate_scores(row, aggregation)  # type: ignore[arg-type]
+    choice = select(candidates, selection_used)  # type: ignore[arg-type]
+    return build_result(calls, choice, selection, DEFAULT_STEP_DELIMITER, len(candidates),
+                        selection_used=selection_used, n_used=len(candidates), reused_probe_samples=len(prior))
+
+
+# ---- (b) the prompt-statistics estimator -----------------------------------------------------------------------
+
+_NUM = re.compile(r"\d+(?:\.\d+)?")
+_CUES = ("each", "left", "more", "times", "total", "per", "every", "than", "remaining", "gave", "bought", "spent")
+FEATURES = ("chars", "words", "numbers", "max_digits", "sum_digits", "ops", "parens", "is_expression",
+            *(f"cue_{c}" for c in _CUES))
+
+
+def prompt_features(question: str) -> list[float]:
+    q = question.lower()
+    nums = _NUM.findall(q)
+    words = re.findall(r"[a-z]+", q)
+    ops = len(re.findall(r"[+*/×÷]|(?<=\s)-(?=\s)", q))
+    return [
+        math.log1p(len(q)),
+        math.log1p(len(words)),
+        float(len(nums)),
+        float(max((len(n.replace(".", "")) for n in nums), default=0)),
+        float(sum(len(n.replace(".", "")) for n in nums)),
+        float(ops),
+        float(q.count("(")),
+        1.0 if q.startswith("what is") and len(words) <= 3 else 0.0,
+        *(float(len(re.findall(rf"\b{c}\b", q))) for c in _CUES),
+    ]
+
+
+@dataclass
+class PromptDifficultyModel:
+    """Ridge regression (standardised features) of the probe statistic on prompt features."""
+
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+    coef: list[float] = field(default_factory=list)
+    intercept: float = 0.0
+    ridge: float = 1.0
+    features: tuple[str, ...] = FEATURES
+
+    @classmethod
+    def fit(cls, questions: Sequence[str], targets: Sequence[float], ridge: float = 1.0) -> "PromptDifficultyModel":
+        import numpy as np
+
+        X = np.array([prompt_features(q) for q in questions], dtype=float)
+        y = np.array(targets, dtype=float)
+        mean, std = X.mean(0), X.std(0)
+        std[std == 0] = 1.0
+        Z = (X - mean) / std
+        intercept = float(y.mean())
+        A = Z.T @ Z + ridge * np.eye(Z.shape[1])
+        coef = np.linalg.solve(A, Z.T @ (y - intercept))
+        return cls(mean.tolist(), std.tolist(), coef.tolist(), intercept, ridge)
+
+    def predict(self, question: str) -> float:
+        x = prompt_features(question)
+        return self.intercept + sum(c * (v - m) / s for c, v, m, s in zip(self.coef, x, self.mean, self.std))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "ridge", "features": list(self.features), "mean": self.mean, "std": self.std,
+                "coef": self.coef, "intercept": self.intercept, "ridge": self.ridge}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PromptDifficultyModel":
+        if list(d.get("features", [])) != list(FEATURES):
+            raise ValueError("prompt_model features differ from this code's; recalibrate")
+        return cls(list(d["mean"]), list(d["std"]), list(d["coef"]), float(d["intercept"]), float(d["ridge"]))
+
+
+def prompt_bin(table: PolicyTable, question: str) -> int:
+    """The table's bin for a question from its prompt statistics alone (no FLOPs spent)."""
+    if not table.prompt_model:
+        raise ValueError("this policy table has no prompt_model")
+    return table.bin_of(PromptDifficultyModel.from_dict(table.prompt_model).predict(question))

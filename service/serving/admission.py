@@ -1,0 +1,55 @@
+"""Admission control: at most `max_concurrency` requests run, at most `max_queue` wait (for `queue_timeout_s`);
+the rest get a fast 503 with Retry-After. Bounded queue, bounded memory, and no accepted request is dropped."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from ..api.errors import APIError
+
+
+class Overloaded(APIError):
+    def __init__(self, retry_after_s: int, detail: str):
+        super().__init__(503, f"The gateway is at capacity ({detail}); retry shortly", code="overloaded",
+                         headers={"Retry-After": str(retry_after_s)})
+
+
+class Admission:
+    def __init__(self, max_concurrency: int, max_queue: int, queue_timeout_s: float, retry_after_s: int):
+        self.max_concurrency = max_concurrency
+        self.max_queue = max_queue
+        self.queue_timeout_s = queue_timeout_s
+        self.retry_after_s = retry_after_s
+        self._slots = asyncio.Semaphore(max_concurrency)
+        self.running = 0
+        self.waiting = 0
+
+    async def acquire(self) -> None:
+        if self.running < self.max_concurrency and not self.waiting:
+            await self._slots.acquire()  # free slot: returns at once
+            self.running += 1
+            return
+        if self.waiting >= self.max_queue:
+            raise Overloaded(self.retry_after_s, f"{self.running} running, {self.waiting} queued")
+        self.waiting += 1
+        try:
+            await asyncio.wait_for(self._slots.acquire(), self.queue_timeout_s)
+        except asyncio.TimeoutError:
+            raise Overloaded(self.retry_after_s, f"queued {self.queue_timeout_s:.0f} s without a free slot")
+        finally:
+            self.waiting -= 1
+        self.running += 1
+
+    def release(self) -> None:
+        self.running -= 1
+        self._slots.release()
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        await self.acquire()
+        try:
+            yield
+        finally:
+            self.release()
