@@ -148,6 +148,28 @@ def remote_gateway(gateway: GatewayProcess, private_redis: RedisServer, tmp_path
         gw.stop()
 
 
+@pytest.fixture()
+def spawn_gateway(gateway: GatewayProcess, tmp_path: Path):
+    """Starts extra gateways in remote mode on the embedded workers (seconds, not a worker start), with settings of
+    the test's choosing; stops them at the end of the test."""
+    import json
+
+    started: list[GatewayProcess] = []
+
+    def spawn(**env: str) -> GatewayProcess:
+        full = {"TTC_POLICY__URLS": json.dumps([gateway.worker_url]),
+                "TTC_REWARD__URLS": json.dumps([gateway.reward_url])}
+        full.update(env)
+        gw = GatewayProcess(full, tmp_path / f"gateway-{len(started)}.log")
+        started.append(gw)
+        gw.wait_ready(90)
+        return gw
+
+    yield spawn
+    for gw in started:
+        gw.stop()
+
+
 @pytest.fixture(scope="session")
 def base_url(gateway: GatewayProcess) -> str:
     return gateway.base_url
