@@ -15,6 +15,7 @@ from .metering import Meter, ModelShape
 from .metrics import Metrics
 from .rewards import ArithmeticReward, ProductReward
 from .serving.admission import Admission
+from .serving.quota import FlopsQuota
 from .serving.response_cache import ResponseCache
 from .strategies.base import Reward
 from .workers.policy import PolicyClient
@@ -61,6 +62,8 @@ class Gateway:
             max_connections=settings.redis_max_connections, memory_max_entries=settings.cache_memory_max_entries,
             memory_max_bytes=settings.cache_memory_max_bytes, on_event=self.metrics.cache_event)
         self.response_cache = ResponseCache(self.cache, settings.cache_response_ttl_s)
+        self.quota = FlopsQuota(self.cache)
+        self._background: set[asyncio.Task] = set()
         self.admission = Admission(settings.max_concurrency, settings.max_queue, settings.queue_timeout_s,
                                    settings.retry_after_s)
         self.policy_pool = self._build_pool("policy", settings.policy, policy_model(settings))
@@ -125,6 +128,12 @@ class Gateway:
         await self.supervisor.start_all()
         await self._refresh_health()
         self._health_task = asyncio.create_task(self._health_loop(), name="worker-health")
+
+    def spawn(self, coro) -> None:
+        """Fire-and-forget work (quota refunds) that must not be garbage-collected before it runs."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _refresh_health(self) -> None:
         for pool in self.pools:

@@ -209,3 +209,10 @@ class RedisCache(_Instrumented):
             await self._pool.disconnect()
         except Exception as exc:  # closing a half-dead connection must not fail shutdown
             log.debug("redis cache: close failed: %r", exc)
+
+
+async def run_script(cache: RedisCache, script: str, keys: list[str], args: list[Any]) -> Any:
+    """One atomic server-side script behind the cache's breaker and deadline; None when Redis did not answer."""
+    full_keys = [cache.key_prefix + k for k in keys]
+    result = await cache._run("eval", lambda: cache._redis.eval(script, len(full_keys), *full_keys, *args))
+    return None if result is _FAILED or result is _SKIPPED else result

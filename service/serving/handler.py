@@ -18,6 +18,7 @@ from . import passthrough, search
 from .context import RequestContext
 from .observe import record_request
 from .options import TTCOptions, make_strategy, parse_options
+from .quota import QuotaExceeded
 
 Request = ChatCompletionRequest | CompletionRequest
 DISCONNECT_POLL_S = 0.25
@@ -113,6 +114,9 @@ async def handle(gw: Gateway, ctx: RequestContext, req: Request,
 
     def finish(c: RequestContext, status: int, disconnected: bool) -> None:
         record_request(gw.metrics, c, status, disconnected=disconnected)
+        if c.quota_reserved:
+            unused, c.quota_reserved = c.quota_reserved - c.meter.total_flops, 0.0
+            gw.spawn(gw.quota.refund(c.key_hash, unused))
         release()
 
     try:
@@ -152,6 +156,20 @@ async def _serve(gw: Gateway, ctx: RequestContext, req: Request, finish) -> Resp
     if opts.deadline_ms is not None:
         ctx.deadline = ctx.started + opts.deadline_ms / 1000.0
     budget = effective_budget(gw, opts)
+    if key_policy and key_policy.flops_quota:
+        # Under a quota every request runs under a budget, reserved whole up front and settled at the end.
+        if budget is None or not opts.enforce:
+            budget = min(x for x in (budget, key_policy.max_budget_flops, gw.settings.max_budget_flops,
+                                     key_policy.flops_quota) if x is not None)
+            opts.mode = "enforce"
+        try:
+            await gw.quota.reserve(ctx.key_hash, budget, key_policy.flops_quota, key_policy.quota_window_s)
+        except QuotaExceeded as exc:
+            gw.metrics.budget_rejection("quota")
+            raise APIError(429, f"This API key's FLOPs quota is spent ({exc.used:.3e} of {exc.limit:.3e} FLOPs)",
+                           code="insufficient_quota", type_="insufficient_quota",
+                           headers={"Retry-After": str(exc.retry_after_s), "x-should-retry": "false"})
+        ctx.quota_reserved = budget
     ctx.budget_flops = budget
     limit = budget if opts.enforce else None
     try:

@@ -171,3 +171,31 @@ def test_budget_caps_per_key_and_budget_too_small(spawn_gateway, model_name):
     # Too small for even a greedy answer.
     r = httpx.post(url, json=body, headers=dict(headers, **{"X-TTC-Budget-FLOPs": "1e6"}), timeout=60)
     assert r.status_code == 400 and r.json()["error"]["code"] == "budget_exceeded"
+
+
+@pytest.mark.parametrize("store", ["redis", "memory"])
+def test_concurrent_requests_cannot_overspend_a_key_quota(spawn_gateway, model_name, store):
+    """8 concurrent requests against a per-key quota that fits 3 budgets: at most 3 are admitted (atomic in Redis)."""
+    import hashlib
+    import uuid
+
+    key = f"quota-key-{uuid.uuid4().hex}"
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    per_request = 2e11
+    policies = {digest: {"flops_quota": 3.5 * per_request, "quota_window_s": 600}}
+    env = {"TTC_API_KEY_HASHES": json.dumps([digest]), "TTC_KEY_POLICIES": json.dumps(policies)}
+    if store == "redis":
+        env.update(TTC_REDIS_URL="redis://127.0.0.1:6379/0", TTC_CACHE_KEY_PREFIX=f"ttc-test-{uuid.uuid4().hex}:")
+    gw = spawn_gateway(**env)
+    headers = {"Authorization": f"Bearer {key}", "X-TTC-Budget-FLOPs": f"{per_request}"}
+    body = {"model": model_name, "prompt": "Tell me a story:", "max_tokens": 64, "temperature": 0.8,
+            "stop": ["never-appears"]}
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: httpx.post(gw.base_url + "/v1/completions", json=body, headers=headers,
+                                                     timeout=120), range(8)))
+    codes = sorted(r.status_code for r in results)
+    assert codes.count(200) <= 3 and codes.count(200) >= 1, codes
+    assert set(codes) <= {200, 429}, codes
+    refused = next(r for r in results if r.status_code == 429)
+    assert refused.json()["error"]["code"] == "insufficient_quota"
+    assert refused.headers["x-should-retry"] == "false"
