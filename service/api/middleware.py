@@ -57,7 +57,30 @@ class FrontDoor:
             await _reply(send_with_id, 413, f"Request body exceeds {self.max_body_bytes} bytes",
                          "invalid_request_error", "request_too_large")
             return
+        if declared is None and scope["method"] in ("POST", "PUT", "PATCH"):
+            # Chunked body: read it here, at most up to the limit, so an oversized one is a clean 413.
+            body = await self._read_bounded(receive)
+            if body is None:
+                await _reply(send_with_id, 413, f"Request body exceeds {self.max_body_bytes} bytes",
+                             "invalid_request_error", "request_too_large")
+                return
+            await self.app(scope, _replay(body, receive), send_with_id)
+            return
         await self.app(scope, self._limited(receive), send_with_id)
+
+    async def _read_bounded(self, receive: Callable) -> bytes | None:
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return b"".join(chunks)
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
 
     def _authenticate(self, path: str, headers: dict[str, str]) -> tuple[str, str] | None:
         """Returns (tenant, key digest) -- ("anonymous", "") without keys; None when the key is missing or wrong."""
@@ -88,6 +111,19 @@ class FrontDoor:
             return message
 
         return guarded
+
+
+def _replay(body: bytes, receive: Callable) -> Callable:
+    sent = False
+
+    async def replay() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # later calls wait for the disconnect, as the server's receive does
+
+    return replay
 
 
 def _clean_request_id(value: str | None) -> str | None:
