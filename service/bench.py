@@ -11,7 +11,6 @@ outcome (best-of-N reuses the probe samples). FLOPs accounting: see service/cali
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import math
 import time
@@ -19,9 +18,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .calibrate import (
+    BON_N,
     SEARCH_GRID,
+    TINY_GRID,
+    bon_size,
+    budget_flops,
+    run_grid,
     Config,
-    GridRunner,
     add_worker_args,
     bon_configs,
     config_key,
@@ -30,7 +33,6 @@ from .calibrate import (
     outcomes,
     probe_of,
     route,
-    with_gateway,
 )
 from .router.table import N_BINS, PolicyTable, load
 
@@ -102,17 +104,24 @@ def efficiency(cv: dict[str, list[dict[str, Any]]], auto_name: str, base: str = 
             "auto_flops": f_auto, "ratio": (f_base / f_auto) if f_auto else None}
 
 
-def markdown(cv: dict[str, list[dict[str, Any]]], gens: Sequence[int], gen_flops: float, n: int,
+def markdown(cv: dict[str, list[dict[str, Any]]], gens: Sequence[int], gen: dict[str, float], n: int,
              eff: list[dict[str, Any]], reward: str) -> str:
-    lines = [f"Bench: {n} held-out problems, reward `{reward}`, 1 generation = {gen_flops:.3g} FLOPs. "
-             "Cells: accuracy % (mean FLOPs). Fixed strategies at their nominal generations = budget; "
-             "`auto` with that budget in FLOPs (probe included).", "",
-             "| strategy | " + " | ".join(f"{g} gen ({g * gen_flops:.2g})" for g in gens) + " |",
+    gen_flops = gen["per_generation"]
+    lines = [f"Bench: {n} held-out problems, reward `{reward}`, 1 generation = {gen_flops:.3g} FLOPs (one best-of-N "
+             f"sample, policy + reward). Budget B = B generations + one question prefill "
+             f"({gen.get('question_charge', 0.0):.2g} FLOPs). Cells: accuracy % "
+             "(mean FLOPs) of the strategy's largest config whose mean FLOPs fit B; `auto` given B (probe "
+             "included).", "",
+             "| strategy | " + " | ".join(f"B = {g} gen ({budget_flops(g, gen):.2g})" for g in gens) + " |",
              "|---|" + "---|" * len(gens)]
     for name, pts in cv.items():
         cells = []
         for g in gens:
-            p = next((p for p in pts if p["generations"] == g), None)
+            if name.startswith("auto"):
+                p = next((p for p in pts if p["generations"] == g), None)
+            else:
+                fit = [p for p in pts if p["mean_flops"] <= budget_flops(g, gen) * 1.0001]
+                p = max(fit, key=lambda p: p["mean_flops"]) if fit else None
             cells.append(f"{100 * p['accuracy']:.1f} ({p['mean_flops']:.2g})" if p else "-")
         if any(c != "-" for c in cells):
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -192,9 +201,8 @@ def main(settings: Any, args: argparse.Namespace) -> int:
     calibrated = set(table.calibration.get("problem_ids", []))
     rows = [r for r in load_pool(args.dataset, args.seed) if r["id"] not in calibrated][: args.limit]
     gens = [int(b["generations"]) for b in table.budgets]
-    top = max(gens)
-    search = SEARCH_GRID if args.grid == "full" else ()
-    configs = bon_configs(top) + [c for c in search if c.generations <= top]
+    search = SEARCH_GRID if args.grid == "full" else TINY_GRID
+    configs = bon_configs(min(BON_N, max(gens))) + list(search)
     known = {c.key for c in configs}
     for e in table.entries:  # every strategy the table can choose must have been run
         key = config_key(e["strategy"], e["params"])
@@ -206,20 +214,13 @@ def main(settings: Any, args: argparse.Namespace) -> int:
     gws = gateway_settings(args.reward, args.policy_port, args.reward_port, args.policy_url, args.reward_url)
     t0 = time.monotonic()
 
-    async def work(gw: Any) -> dict[str, Any]:
-        runner = GridRunner(gw, Path(args.work_dir or out / "work"), args.reward, concurrency=args.concurrency,
-                            bon_n=max(top, int(table.probe.get("k", 4))))
-        try:
-            await runner.run(rows, [c for c in configs if c.strategy != "best_of_n"], "bench")
-        finally:
-            runner.close()
-        return runner.records(rows)
-
-    recs = asyncio.run(with_gateway(gws, work))
+    recs = run_grid(gws, Path(args.work_dir or out / "work"), args.reward, args.concurrency,
+                    max(bon_size(gens), int(table.probe.get("k", 4))), rows,
+                    [c for c in configs if c.strategy != "best_of_n"], "bench")
     run_s = time.monotonic() - t0
     ids = [r["id"] for r in rows]
     assert not calibrated & set(ids)
-    gen_flops = float(table.generation_flops.get("per_generation") or table.budgets[0]["flops"])
+    gen = dict(table.generation_flops)
     cv = curves(ids, recs, configs, table, table.budgets)
     k = int(table.probe["k"])
     per_bin = {}
@@ -229,11 +230,11 @@ def main(settings: Any, args: argparse.Namespace) -> int:
         per_bin[b] = curves(members, recs, configs, table, table.budgets) if members else {}
     autos = [name for name in cv if name.startswith("auto")]
     eff = [efficiency(cv, a) for a in autos]
-    md = markdown(cv, [g for g in (4, 8, 16) if g in gens] or gens, gen_flops, len(ids), eff, args.reward)
+    md = markdown(cv, [g for g in (4, 16, 64) if g in gens] or gens, gen, len(ids), eff, args.reward)
     tag = args.reward.replace("*", "x")
     results = {"reward_backend": args.reward, "table": str(args.table), "table_estimator": table.estimator,
                "problems": len(ids), "problem_ids": ids, "datasets": args.dataset, "seed": args.seed,
-               "generation_flops": gen_flops, "budgets": table.budgets, "curves": cv,
+               "generation_flops": gen, "budgets": table.budgets, "curves": cv,
                "per_bin": {str(b): v for b, v in per_bin.items()},
                "bin_sizes": {str(b): sum(1 for i in ids if bins[i] == b) for b in range(1, N_BINS + 1)},
                "efficiency": eff, "run_seconds": round(run_s)}

@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import logging
-import math
 import random
 import re
 import sys
@@ -36,7 +35,7 @@ log = logging.getLogger("ttc.calibrate")
 BON_N = 16
 MAX_TOKENS = 96
 TEMPERATURE = 0.8
-BUDGET_GENERATIONS = (1, 2, 4, 8, 16)
+BUDGET_GENERATIONS = (1, 2, 4, 8, 16, 32, 64)
 PROBE_KS = (2, 4)
 
 
@@ -44,7 +43,9 @@ PROBE_KS = (2, 4)
 class Config:
     strategy: str
     params: tuple[tuple[str, Any], ...]
-    generations: int  # nominal cost in generations (Snell: N; lookahead k: N * (k + 1))
+    # Nominal cost in generations (Snell: N; lookahead k: N * (k + 1)). Only a label: the table selects by the
+    # MEASURED mean FLOPs (step search re-scores growing prefixes every round and costs far more than N samples).
+    generations: int
 
     @property
     def key(self) -> str:
@@ -63,15 +64,15 @@ def _cfg(strategy: str, generations: int, **params: Any) -> Config:
     return Config(strategy, tuple(sorted(params.items())), generations)
 
 
-# The searched grid (pruned to the 2-core compute; see the module docstring of bench and the report):
-# beam search M = sqrt(N) (rounded to a divisor) and M = 4, lookahead 1 at the smallest N; DVTS; REBASE; revisions
-# with one sequential:parallel ratio. Best-of-N comes from the shared n=16 draw.
+# The searched grid, pruned to what the shared 2-core machine could run (one step-search run costs 10-30
+# generations' worth of FLOPs here): beam search M = sqrt(N) (N=4, M=2) and M = 4 (N=8); DVTS N=4, M=2; REBASE N=4
+# and 8; revisions N=4 with 2 sequential x 2 parallel. Pruned: lookahead (beam N=4, M=2, k=1) and DVTS N=8, M=4
+# (both run in a first attempt; too slow for the time available), and every N=16 search.
+# Best-of-N (majority and weighted, N = 1..16) comes from the shared n=16 draw.
 SEARCH_GRID: tuple[Config, ...] = (
     _cfg("beam_search", 4, n=4, beam_width=2, lookahead=0),
     _cfg("beam_search", 8, n=8, beam_width=4, lookahead=0),
-    _cfg("beam_search", 8, n=4, beam_width=2, lookahead=1),
     _cfg("dvts", 4, n=4, beam_width=2),
-    _cfg("dvts", 8, n=8, beam_width=4),
     _cfg("rebase", 4, n=4),
     _cfg("rebase", 8, n=8),
     _cfg("revisions", 4, n=4, chain_length=2),
@@ -299,19 +300,28 @@ def outcomes(rec: dict[str, dict[str, Any]], configs: Sequence[Config]) -> dict[
 
 
 def generation_flops(recs: Iterable[dict[str, dict[str, Any]]]) -> dict[str, float]:
-    pol, rew, n = 0.0, 0.0, 0
+    """The budget unit: mean FLOPs of one best-of-N sample (policy decode + its share of the reward call), and the
+    mean per-request question prefill charge. Budget of g generations = g * per_generation + question_charge."""
+    pol, rew, n, charge, problems = 0.0, 0.0, 0, 0.0, 0
     for rec in recs:
         b = rec["bon"]
         pol += sum(s["policy_flops"] for s in b["samples"])
         rew += b["reward_flops"]
         n += len(b["samples"])
-    return {"per_generation": (pol + rew) / n, "policy": pol / n, "reward": rew / n, "samples": n}
+        charge += b["question_charge"]
+        problems += 1
+    return {"per_generation": (pol + rew) / n, "policy": pol / n, "reward": rew / n, "samples": n,
+            "question_charge": charge / max(1, problems)}
+
+
+def budget_flops(g: float, gen: dict[str, float]) -> float:
+    return g * gen["per_generation"] + gen.get("question_charge", 0.0)
 
 
 # ---- building the table --------------------------------------------------------------------------------------------
 
 def build_table(ids: Sequence[str], recs: dict[str, dict[str, dict[str, Any]]], configs: Sequence[Config], k: int,
-                budgets_gen: Sequence[int], gen_flops: float, reward_backend: str, estimator: str = "probe",
+                budgets_gen: Sequence[int], gen: dict[str, float], reward_backend: str, estimator: str = "probe",
                 seed: int = 0) -> PolicyTable:
     from .router.difficulty import PromptDifficultyModel
 
@@ -321,24 +331,35 @@ def build_table(ids: Sequence[str], recs: dict[str, dict[str, dict[str, Any]]], 
                         probe={"k": k, "temperature": TEMPERATURE, "max_tokens": MAX_TOKENS})
     table.prompt_model = PromptDifficultyModel.fit([recs[i]["bon"]["question"] for i in ids],
                                                    [stats[i] for i in ids]).to_dict()
-    table.budgets = [{"generations": g, "flops": g * gen_flops} for g in budgets_gen]
+    table.budgets = [{"generations": g, "flops": budget_flops(g, gen)} for g in budgets_gen]
     outs = {i: outcomes(recs[i], configs) for i in ids}
     for b in range(1, N_BINS + 1):
         members = [i for i in ids if table.bin_of(stats[i]) == b]
         if not members:
             continue
+        ran = [c for c in configs if all(c.key in outs[i] for i in members)]
+        mean_cost = {c.key: sum(outs[i][c.key][1] for i in members) / len(members) for c in ran}
         for g in budgets_gen:
-            cands = [c for c in configs if c.generations <= g and all(c.key in outs[i] for i in members)]
+            # Matched FLOPs: a config competes at a budget when its mean measured FLOPs in this bin fit it.
+            cands = [c for c in ran if mean_cost[c.key] <= budget_flops(g, gen) * 1.0001]
             if not cands:
                 continue
             correct = {c.key: [float(outs[i][c.key][0]) for i in members] for c in cands}
-            cost = {c.key: sum(outs[i][c.key][1] for i in members) / len(members) for c in cands}
+            cost = {c.key: mean_cost[c.key] for c in cands}
             key, cv = select_by_cv(correct, cost, seed=seed + 31 * b + g)
             cfg = next(c for c in cands if c.key == key)
-            table.entries.append({"bin": b, "budget_generations": g, "budget_flops": g * gen_flops,
+            table.entries.append({"bin": b, "budget_generations": g, "budget_flops": budget_flops(g, gen),
                                   "strategy": cfg.strategy, "params": cfg.params_dict, "expected_accuracy": cv,
                                   "in_bin_accuracy": sum(correct[key]) / len(members), "mean_flops": cost[key],
                                   "n_problems": len(members)})
+    # Bins without calibration problems (tiny splits, ties in the statistic) borrow the nearest bin's entries.
+    have = sorted({e["bin"] for e in table.entries})
+    for b in range(1, N_BINS + 1):
+        if have and b not in have:
+            src = min(have, key=lambda h: (abs(h - b), h))
+            table.entries += [{**e, "bin": b, "filled_from_bin": src, "n_problems": 0}
+                              for e in table.entries if e["bin"] == src]
+    table.entries.sort(key=lambda e: (e["bin"], e["budget_flops"]))
     return table
 
 
@@ -383,7 +404,7 @@ def route(table: PolicyTable, rec: dict[str, dict[str, Any]], budget_flops: floa
 
 
 def choose_estimator(ids: Sequence[str], recs: dict[str, dict[str, dict[str, Any]]], configs: Sequence[Config],
-                     budgets_gen: Sequence[int], gen_flops: float, reward_backend: str,
+                     budgets_gen: Sequence[int], gen: dict[str, float], reward_backend: str,
                      seed: int = 0) -> tuple[str, int, dict[str, Any]]:
     """2-fold CV on the calibration problems: build the table on one half, route the other half with each
     (estimator, probe k), both ways. Score = mean accuracy over the budget grid (matched budgets)."""
@@ -397,9 +418,9 @@ def choose_estimator(ids: Sequence[str], recs: dict[str, dict[str, dict[str, Any
             for g in budgets_gen:
                 hits, spent, n = 0, 0.0, 0
                 for a, b in ((0, 1), (1, 0)):
-                    t = build_table(folds[a], recs, configs, k, budgets_gen, gen_flops, reward_backend, est, seed)
+                    t = build_table(folds[a], recs, configs, k, budgets_gen, gen, reward_backend, est, seed)
                     for i in folds[b]:
-                        r = route(t, recs[i], g * gen_flops, configs)
+                        r = route(t, recs[i], budget_flops(g, gen), configs)
                         hits += r["correct"]
                         spent += r["flops"]
                         n += 1
@@ -443,6 +464,26 @@ async def with_gateway(settings: Any, fn: Any) -> Any:
         await gw.stop()
 
 
+def run_grid(gws: Any, work_dir: Path, reward: str, concurrency: int, bon_n: int, rows: Sequence[dict[str, Any]],
+             configs: Sequence[Config], label: str) -> dict[str, dict[str, dict[str, Any]]]:
+    """Run what is not cached yet (starting or reaching the workers only then); all records of `rows`."""
+    offline = GridRunner(None, work_dir, reward, bon_n=bon_n)
+    offline.close()
+    if all((r["id"], k) in offline.done for r in rows for k in ["bon"] + [c.key for c in configs]):
+        print(f"[{label}] all {len(rows)} problems cached in {offline.path}", flush=True)
+        return offline.records(rows)
+
+    async def work(gw: Any) -> dict[str, dict[str, dict[str, Any]]]:
+        runner = GridRunner(gw, work_dir, reward, concurrency=concurrency, bon_n=bon_n)
+        try:
+            await runner.run(rows, configs, label)
+        finally:
+            runner.close()
+        return runner.records(rows)
+
+    return asyncio.run(with_gateway(gws, work))
+
+
 def model_info(settings: Any) -> dict[str, Any]:
     import hashlib
 
@@ -471,15 +512,19 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--out", required=True, help="policy table JSON to write")
     p.add_argument("--work-dir", required=True, help="per-problem results cache (resumable)")
     p.add_argument("--grid", default="full", choices=("full", "tiny"), help="tiny: best-of-N + one beam config")
-    p.add_argument("--budgets", default=",".join(map(str, BUDGET_GENERATIONS)), help="budgets in generations")
+    p.add_argument("--budgets", default=",".join(map(str, BUDGET_GENERATIONS)),
+                   help="budgets in generations' worth of FLOPs (best-of-N is drawn up to min(16, max budget))")
     add_worker_args(p)
     p.set_defaults(func=main)
 
 
+def bon_size(budgets: Sequence[int]) -> int:
+    return max(min(BON_N, max(budgets)), max(PROBE_KS))
+
+
 def grid(name: str, budgets: Sequence[int]) -> list[Config]:
-    top = max(budgets)
     search = SEARCH_GRID if name == "full" else TINY_GRID
-    return bon_configs(top) + [c for c in search if c.generations <= top]
+    return bon_configs(min(BON_N, max(budgets))) + list(search)
 
 
 def main(settings: Any, args: argparse.Namespace) -> int:
@@ -489,21 +534,13 @@ def main(settings: Any, args: argparse.Namespace) -> int:
     gws = gateway_settings(args.reward, args.policy_port, args.reward_port, args.policy_url, args.reward_url)
     t0 = time.monotonic()
 
-    async def work(gw: Any) -> dict[str, Any]:
-        runner = GridRunner(gw, Path(args.work_dir), args.reward, concurrency=args.concurrency,
-                            bon_n=max(max(budgets), max(PROBE_KS)))
-        try:
-            await runner.run(rows, [c for c in configs if c.strategy != "best_of_n"], "calibrate")
-        finally:
-            runner.close()
-        return runner.records(rows)
-
-    recs = asyncio.run(with_gateway(gws, work))
+    recs = run_grid(gws, Path(args.work_dir), args.reward, args.concurrency, bon_size(budgets), rows,
+                    [c for c in configs if c.strategy != "best_of_n"], "calibrate")
     run_s = time.monotonic() - t0
     ids = [r["id"] for r in rows]
     gen = generation_flops(recs[i] for i in ids)
-    est, k, report = choose_estimator(ids, recs, configs, budgets, gen["per_generation"], args.reward)
-    table = build_table(ids, recs, configs, k, budgets, gen["per_generation"], args.reward, est)
+    est, k, report = choose_estimator(ids, recs, configs, budgets, gen, args.reward)
+    table = build_table(ids, recs, configs, k, budgets, gen, args.reward, est)
     table.models = model_info(gws)
     table.generation_flops = gen
     table.calibration = {"problem_ids": ids, "datasets": args.dataset, "seed": args.seed, "problems": len(ids),

@@ -9,7 +9,7 @@ import logging
 import time
 from pathlib import Path
 
-from .cache import build_cache
+from .cache import SampleStore, build_cache
 from .config import Settings, WorkerPoolSettings
 from .metering import Meter, ModelShape
 from .metrics import Metrics
@@ -63,6 +63,7 @@ class Gateway:
             memory_max_bytes=settings.cache_memory_max_bytes, on_event=self.metrics.cache_event)
         self.response_cache = ResponseCache(self.cache, settings.cache_response_ttl_s)
         self.quota = FlopsQuota(self.cache)
+        self.sample_store = SampleStore(self.cache, settings.cache_max_samples)
         self._background: set[asyncio.Task] = set()
         self.admission = Admission(settings.max_concurrency, settings.max_queue, settings.queue_timeout_s,
                                    settings.retry_after_s)

@@ -173,3 +173,45 @@ def prompt_bin(table: PolicyTable, question: str) -> int:
     if not table.prompt_model:
         raise ValueError("this policy table has no prompt_model")
     return table.bin_of(PromptDifficultyModel.from_dict(table.prompt_model).predict(question))
+
+
+# ---- the whole router, for the serving layer ---------------------------------------------------------------------
+
+async def run_auto(problem: Problem, policy: Policy, reward: Reward | None, table: PolicyTable,
+                   budget: ComputeBudget, max_n: int | None = None,
+                   progress: Any = None) -> tuple[StrategyResult, dict[str, Any]]:
+    """`auto`: estimate difficulty (table.estimator; the probe only when a reward exists and it fits the budget,
+    else the prompt estimator), look up the strategy for what remains of the budget, run it (best-of-N reuses the
+    probe samples). Returns the result and a description for `ttc` (bin, estimator, choice, probe FLOPs)."""
+    from ..strategies import build_strategy
+
+    limit = budget.limit_flops
+    info: dict[str, Any] = {"estimator": "prompt", "probe_flops": 0.0}
+    probe: ProbeResult | None = None
+    k = int(table.probe.get("k", 4))
+    sampling = SamplingParams(max_tokens=problem.max_tokens, temperature=float(table.probe.get("temperature", 0.8)))
+    probe_cost = policy.estimate_flops([problem.prompt], sampling, k)
+    if table.estimator == "probe" and reward is not None and budget.allows(probe_cost):
+        probe = await probe_difficulty(problem, policy, reward, table, budget)
+        bin_ = probe.bin
+        info.update(estimator="probe", statistic=probe.statistic, probe_flops=probe.flops)
+    else:
+        bin_ = prompt_bin(table, problem.question) if table.prompt_model else N_BINS_DEFAULT
+    choice = table.lookup(bin_, None if limit is None else budget.remaining())
+    if choice is None:
+        raise ValueError(f"policy table has no entry for bin {bin_}")
+    info.update(bin=bin_, strategy=choice.strategy, params=choice.params,
+                expected_accuracy=choice.expected_accuracy, below_all_budgets=choice.below_all_budgets)
+    params = dict(choice.params)
+    if max_n is not None and "n" in params:
+        params["n"] = min(int(params["n"]), max_n)
+    if choice.strategy == "best_of_n" and probe is not None and probe.samples:
+        result = await best_of_n_with_probe(problem, policy, reward, budget, probe, int(params.get("n", k)),
+                                            params.get("selection", "weighted"), params.get("aggregation", "last"))
+    else:
+        strategy = build_strategy(choice.strategy, params, max_n=max_n)
+        result = await strategy.run(problem, policy, reward, budget, progress)
+    return result, info
+
+
+N_BINS_DEFAULT = 3  # the middle bin when a table has neither a usable probe nor a prompt model

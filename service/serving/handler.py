@@ -185,7 +185,7 @@ async def _serve(gw: Gateway, ctx: RequestContext, req: Request, finish) -> Resp
             # Stop starting new engine calls early enough for the one in flight to finish before the deadline.
             soft_deadline = ctx.started + 0.7 * (ctx.deadline - ctx.started)
         response = await search.run(gw.policy, reward, ctx, req, strategy, limit, max_tokens, finish, {},
-                                    soft_deadline)
+                                    soft_deadline, gw.sample_store, gw.settings.cache_samples_ttl_s)
         return response
     except WorkerUnavailable as exc:
         raise unavailable(f"The {exc.pool} workers are unavailable; retry shortly", gw.settings.retry_after_s)

@@ -13,11 +13,13 @@ from ..api.errors import APIError
 from ..api.protocol import ChatCompletionRequest, CompletionRequest
 from ..strategies import Strategy
 from ..strategies.base import ComputeBudget, Problem, SamplingParams, StrategyResult
+from ..cache import SampleStore, parse_cache_control
 from ..workers.policy import MeteredPolicy, PolicyClient
 from ..workers.pool import WorkerError, WorkerUnavailable
 from . import sse
 from .context import RequestContext
 from .passthrough import Finish
+from .sample_reuse import SampleReusingPolicy
 from .responses import (budget_fields, chat_response, chunk, completion_response, ttc_headers, ttc_object, usage_block,
                         usage_chunk)
 
@@ -43,7 +45,10 @@ async def build_problem(policy: PolicyClient, ctx: RequestContext, req: ChatComp
 
 
 def result_ttc(ctx: RequestContext, strategy: Strategy, reward_name: str | None, result: StrategyResult,
-               extra: dict[str, Any]) -> dict[str, Any]:
+               extra: dict[str, Any], policy: Any = None) -> dict[str, Any]:
+    reused = getattr(policy, "reused", None)
+    if reused is not None:
+        extra = dict(extra, samples_reused=reused)
     return ttc_object(
         strategy.name, ctx.meter, params=strategy.params.model_dump(), reward=reward_name,
         samples=result.samples, steps=result.steps, answer=result.answer, score=result.score,
@@ -53,12 +58,17 @@ def result_ttc(ctx: RequestContext, strategy: Strategy, reward_name: str | None,
 
 async def run(policy_client: PolicyClient, reward: Any, ctx: RequestContext,
               req: ChatCompletionRequest | CompletionRequest, strategy: Strategy, budget_flops: float | None,
-              max_tokens: int, finish: Finish, extra: dict[str, Any], soft_deadline: float | None = None) -> Response:
+              max_tokens: int, finish: Finish, extra: dict[str, Any], soft_deadline: float | None = None,
+              sample_store: SampleStore | None = None, samples_ttl_s: float = 3600.0) -> Response:
     if req.n != 1:
         raise APIError(400, "n must be 1 with a ttc strategy; the number of samples is ttc.n", param="n",
                        code="invalid_value")
     problem = await build_problem(policy_client, ctx, req, max_tokens)
     policy = MeteredPolicy(policy_client, ctx.meter)
+    if sample_store is not None and strategy.name == "best_of_n":
+        cc = parse_cache_control(ctx.headers.get("cache-control"))
+        policy = SampleReusingPolicy(policy, sample_store, ctx.tenant, samples_ttl_s, read=not cc.no_cache,
+                                     write=not cc.no_store)
     budget = ComputeBudget(budget_flops, lambda: ctx.meter.total_flops, deadline=soft_deadline)
     one_answer = policy.estimate_flops([problem.prompt], SamplingParams(max_tokens=max_tokens, temperature=0.0))
     if not budget.allows(one_answer):
@@ -69,7 +79,7 @@ async def run(policy_client: PolicyClient, reward: Any, ctx: RequestContext,
     if not req.stream:
         result = await strategy.run(problem, policy, reward, budget)
         ctx.budget_exhausted = result.budget_exhausted
-        ttc = result_ttc(ctx, strategy, reward_name, result, extra)
+        ttc = result_ttc(ctx, strategy, reward_name, result, extra, policy)
         build = chat_response if ctx.route == "chat" else completion_response
         body = build(ctx, policy_client.model, result.text, result.finish_reason, ttc, usage_block(ctx.meter))
         finish(ctx, 200, False)
@@ -80,7 +90,7 @@ async def run(policy_client: PolicyClient, reward: Any, ctx: RequestContext,
                              headers=dict(sse.SSE_HEADERS, **ttc_headers(ctx, flops=False)))
 
 
-async def _stream(model: str, ctx: RequestContext, strategy: Strategy, problem: Problem, policy: MeteredPolicy,
+async def _stream(model: str, ctx: RequestContext, strategy: Strategy, problem: Problem, policy: Any,
                   reward: Any, budget: ComputeBudget, include_usage: bool, finish: Finish,
                   extra: dict[str, Any]) -> AsyncIterator[bytes]:
     queue: asyncio.Queue[str] = asyncio.Queue()
@@ -116,7 +126,7 @@ async def _stream(model: str, ctx: RequestContext, strategy: Strategy, problem: 
             yield sse.event(chunk(ctx, rid, model, content=rest))
         yield sse.event(chunk(ctx, rid, model, finish_reason=result.finish_reason))
         if include_usage:
-            ttc = result_ttc(ctx, strategy, getattr(reward, "name", None), result, extra)
+            ttc = result_ttc(ctx, strategy, getattr(reward, "name", None), result, extra, policy)
             yield sse.event(usage_chunk(ctx, rid, model, usage_block(ctx.meter), ttc))
         yield sse.DONE
         status, disconnected = 200, False

@@ -112,3 +112,31 @@ def test_redis_stopped_requests_still_succeed(remote_gateway, private_redis, mod
         r = httpx.post(url, json=deterministic(model_name, f"Redis down probe {i}:"), headers=headers, timeout=60)
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["text"] is not None
+
+
+def generation_tokens(worker_url: str) -> float:
+    text = httpx.get(worker_url + "/metrics", timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("vllm:generation_tokens_total"))
+
+
+def test_best_of_n_reuses_samples_incrementally(gateway, model_name):
+    import uuid
+
+    question = f"Sample reuse probe {uuid.uuid4().hex[:8]}: what is 6 + 7?"
+    body = {"model": model_name, "messages": [{"role": "user", "content": question}], "max_tokens": 24,
+            "temperature": 0.8, "ttc": {"strategy": "best_of_n", "n": 4, "selection": "majority"}}
+    url = gateway.base_url + "/v1/chat/completions"
+    before = generation_tokens(gateway.worker_url)
+    first = httpx.post(url, json=body, timeout=300).json()["ttc"]
+    mid = generation_tokens(gateway.worker_url)
+    second = httpx.post(url, json=dict(body, ttc=dict(body["ttc"], n=8)), timeout=300).json()["ttc"]
+    after = generation_tokens(gateway.worker_url)
+    assert first["samples_reused"] == 0 and second["samples_reused"] == 4
+    assert first["samples"] == 4 and second["samples"] == 8
+    # The worker generated only the 4 missing samples, and the meter counted exactly what the worker generated.
+    assert mid - before == first["tokens"]["policy_completion"]
+    assert after - mid == second["tokens"]["policy_completion"]
+    assert second["tokens"]["policy_completion"] <= 4 * 24
+    third = httpx.post(url, json=body, headers={"Cache-Control": "no-cache"}, timeout=300).json()["ttc"]
+    assert third["samples_reused"] == 0

@@ -139,3 +139,55 @@ def test_flops_to_reach_interpolates():
     assert flops_to_reach(pts, 0.2) == pytest.approx(10.0)
     assert flops_to_reach(pts, 0.05) == pytest.approx(1.0)
     assert flops_to_reach(pts, 0.4) is None
+
+
+def test_probe_then_best_of_n_reuses_probe_samples():
+    import asyncio
+
+    from service.router.difficulty import best_of_n_with_probe, probe_difficulty
+    from service.strategies.base import Problem
+    from tests.unit.fakes import BASE_PROMPT, FakePolicy, FakeReward, FlopMeter, round_robin
+
+    right, wrong = "4 + 3 = 7\nThe answer is 7. good", "4 + 3 = 8\nThe answer is 8. bad"
+    meter = FlopMeter()
+    policy = FakePolicy(round_robin([right, wrong, wrong]), meter)
+    reward = FakeReward(meter=meter, flops_per_step=1.0)
+    problem = Problem(prompt=BASE_PROMPT, question="Q", max_tokens=40)
+    t = PolicyTable(cuts=[0.2, 0.4, 0.6, 0.8], entries=[], probe={"k": 3, "temperature": 0.8, "max_tokens": 40})
+
+    async def go():
+        probe = await probe_difficulty(problem, policy, reward, t, meter.budget(None))
+        assert len(probe.samples) == 3 and probe.flops == meter.total > 0
+        assert 0.0 < probe.statistic < 1.0 and t.bin_of(probe.statistic) == probe.bin
+        spent = meter.total
+        # n <= k: no new engine call, the vote runs over the probe samples (weighted: the right one scores higher).
+        res = await best_of_n_with_probe(problem, policy, reward, meter.budget(None), probe, n=2)
+        assert meter.total == spent and res.answer == "7" and res.details["n_used"] == 3
+        # n > k: only n - k new samples are drawn and scored.
+        calls = len(policy.calls)
+        res = await best_of_n_with_probe(problem, policy, reward, meter.budget(None), probe, n=5)
+        assert len(policy.calls) == calls + 1 and policy.calls[-1].ns == [2]
+        assert len(reward.calls[-1]) == 2 and res.details["n_used"] == 5
+
+    asyncio.run(go())
+
+
+def test_run_auto_probes_looks_up_and_reuses():
+    import asyncio
+
+    from service.router.difficulty import run_auto
+    from service.strategies.base import Problem
+    from tests.unit.fakes import BASE_PROMPT, FakePolicy, FakeReward, FlopMeter, round_robin
+
+    right, wrong = "4 + 3 = 7\nThe answer is 7. good", "4 + 3 = 8\nThe answer is 8. bad"
+    meter = FlopMeter()
+    policy = FakePolicy(round_robin([right, wrong]), meter)
+    reward = FakeReward(meter=meter)
+    problem = Problem(prompt=BASE_PROMPT, question="Q", max_tokens=40)
+    t = _table()
+    t.probe = {"k": 2, "temperature": 0.8, "max_tokens": 40}
+    t.entries = [dict(e, bin=b) for e in t.entries if e["bin"] == 1 for b in range(1, 6)]
+    result, info = asyncio.run(run_auto(problem, policy, reward, t, meter.budget(None)))
+    assert info["estimator"] == "probe" and info["strategy"] == "best_of_n" and info["params"]["n"] == 16
+    assert result.answer == "7" and result.details["n_used"] == 16 and result.details["reused_probe_samples"] == 2
+    assert sum(sum(c.ns) for c in policy.calls) == 16  # 2 probe samples + 14 more, never 18
