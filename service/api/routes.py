@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import orjson
@@ -56,7 +57,7 @@ async def health() -> Response:
 async def ready(request: Request) -> Response:
     gw = request.app.state.gateway
     body = {"ready": gw.ready, "draining": gw.draining, "pools": {p.name: p.status() for p in gw.pools},
-            "time": time.time()}
+            "pid": os.getpid(), "time": time.time()}
     if gw.ready:
         return _json(body)
     return _json(body, 503, {"Retry-After": str(gw.settings.retry_after_s)})

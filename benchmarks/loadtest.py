@@ -1,0 +1,168 @@
+"""Gateway overhead and engine use, measured in one run against a running service.
+
+    python benchmarks/loadtest.py --gateway http://127.0.0.1:8000 [--requests 64] [--concurrency 1,8,32]
+
+1. Pass-through: the same prompts at the same concurrency, once through the gateway and once straight to the vLLM
+   policy worker it uses (found via /ready); prints p50/p99 latency and tokens/s for both and their ratios, plus the
+   gateway process's own CPU time per request (from /proc).
+2. Search efficiency: beam search and REBASE requests; per request the prefill tokens requested vs computed (prefix
+   cache hits), policy and PRM calls per round, wall time per round.
+3. Concurrency across requests: problems per minute for best-of-N 16 and beam search 16 at concurrency 1 vs 8.
+Writes the figures as JSON (--out) so reruns show regressions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import httpx
+
+PROMPTS = [f"Write one sentence about the number {i}." for i in range(64)]
+QUESTIONS = ["Tom has 4 apples and gets 3 more. How many apples does he have now?",
+             "Sara has 9 bags of 31 coins and loses 2 coins. How many coins are left?",
+             "What is (25 + 33) * 8 - 59?", "A box holds 12 pens. How many pens are in 7 boxes?"]
+SYSTEM = "Solve the problem step by step, one calculation per line, and end with 'The answer is N.'"
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+async def drive(base: str, model: str, n_requests: int, concurrency: int, max_tokens: int) -> dict:
+    sem = asyncio.Semaphore(concurrency)
+    latencies: list[float] = []
+    tokens = 0
+
+    async def one(client: httpx.AsyncClient, i: int) -> None:
+        nonlocal tokens
+        # Same prompt, same sampling on both paths; the stop string that never appears is only there so both
+        # paths carry identical bodies (the gateway rejects vLLM-only fields such as ignore_eos).
+        body = {"model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0.8,
+                "stop": ["never-appears"]}
+        async with sem:
+            t = time.perf_counter()
+            r = await client.post(base + "/v1/completions", json=body)
+            latencies.append(time.perf_counter() - t)
+            r.raise_for_status()
+            tokens += r.json()["usage"]["completion_tokens"]
+
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*(one(client, i) for i in range(n_requests)))
+        wall = time.perf_counter() - started
+    return {"p50_s": statistics.median(latencies), "p99_s": pct(latencies, 0.99), "tokens_per_s": tokens / wall,
+            "wall_s": wall, "requests": n_requests}
+
+
+async def passthrough(gateway: str, worker: str, model: str, gw_pid: int | None, args) -> list[dict]:
+    rows = []
+    for c in args.concurrency:
+        await drive(worker, model, min(8, args.requests), c, args.max_tokens)  # warm both paths alike
+        cpu0 = cpu_seconds(gw_pid) if gw_pid else None
+        via_gw = await drive(gateway, model, args.requests, c, args.max_tokens)
+        cpu1 = cpu_seconds(gw_pid) if gw_pid else None
+        direct = await drive(worker, model, args.requests, c, args.max_tokens)
+        row = {"concurrency": c, "gateway": via_gw, "direct": direct,
+               "p50_added_ms": 1000 * (via_gw["p50_s"] - direct["p50_s"]),
+               "p50_ratio": via_gw["p50_s"] / direct["p50_s"], "p99_ratio": via_gw["p99_s"] / direct["p99_s"],
+               "throughput_ratio": via_gw["tokens_per_s"] / direct["tokens_per_s"],
+               "gateway_cpu_ms_per_request": 1000 * (cpu1 - cpu0) / args.requests if gw_pid else None}
+        rows.append(row)
+        print(f"c={c:>2}  p50 gw/direct {row['p50_ratio']:.3f} (+{row['p50_added_ms']:.1f} ms)  "
+              f"p99 {row['p99_ratio']:.3f}  throughput {row['throughput_ratio']:.3f}  "
+              f"gateway CPU {row['gateway_cpu_ms_per_request'] or float('nan'):.2f} ms/request", flush=True)
+    return rows
+
+
+async def search_efficiency(gateway: str, model: str) -> list[dict]:
+    rows = []
+    async with httpx.AsyncClient(timeout=900) as client:
+        for ttc in ({"strategy": "beam_search", "n": 8, "beam_width": 2}, {"strategy": "rebase", "n": 8}):
+            for q in QUESTIONS[:2]:
+                body = {"model": model, "max_tokens": 96, "ttc": ttc,
+                        "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]}
+                t = time.perf_counter()
+                r = await client.post(gateway + "/v1/chat/completions", json=body)
+                wall = time.perf_counter() - t
+                r.raise_for_status()
+                info = r.json()["ttc"]
+                rounds = max(1, info.get("steps") or 1)
+                tok = info["tokens"]
+                row = {"strategy": ttc["strategy"], "question": q[:40], "rounds": rounds,
+                       "prefill_requested": tok["policy_prompt"], "prefill_cached": tok["policy_cached"],
+                       "prefix_hit_rate": tok["policy_cached"] / max(1, tok["policy_prompt"]),
+                       "policy_calls_per_round": info["calls"]["policy"] / rounds,
+                       "reward_calls_per_round": info["calls"]["reward"] / rounds,
+                       "wall_s_per_round": wall / rounds, "flops": info["flops"]["total"]}
+                rows.append(row)
+                print(f"{row['strategy']:<12} rounds {rounds:>2}  prefill {tok['policy_prompt']:>6} requested, "
+                      f"{tok['policy_cached']:>6} from prefix cache ({100 * row['prefix_hit_rate']:.0f}%)  "
+                      f"policy calls/round {row['policy_calls_per_round']:.2f}  PRM calls/round "
+                      f"{row['reward_calls_per_round']:.2f}  {row['wall_s_per_round']:.2f} s/round", flush=True)
+    return rows
+
+
+async def problems_per_minute(gateway: str, model: str, n_problems: int) -> list[dict]:
+    rows = []
+    for ttc in ({"strategy": "best_of_n", "n": 16}, {"strategy": "beam_search", "n": 16, "beam_width": 4}):
+        for c in (1, 8):
+            sem = asyncio.Semaphore(c)
+
+            async def one(client: httpx.AsyncClient, i: int) -> None:
+                body = {"model": model, "max_tokens": 96, "ttc": ttc,
+                        "messages": [{"role": "system", "content": SYSTEM},
+                                     {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)] + f" (#{i})"}]}
+                async with sem:
+                    (await client.post(gateway + "/v1/chat/completions", json=body)).raise_for_status()
+
+            async with httpx.AsyncClient(timeout=1800) as client:
+                t = time.perf_counter()
+                await asyncio.gather(*(one(client, i) for i in range(n_problems)))
+                wall = time.perf_counter() - t
+            row = {"strategy": ttc["strategy"], "n": 16, "concurrency": c, "problems_per_minute": 60 * n_problems / wall}
+            rows.append(row)
+            print(f"{ttc['strategy']:<12} N=16 concurrency {c}: {row['problems_per_minute']:.2f} problems/min",
+                  flush=True)
+    return rows
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gateway", default="http://127.0.0.1:8000")
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--problems", type=int, default=8, help="problems per strategy for problems/minute")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: passthrough,search,throughput")
+    ap.add_argument("--out", default="benchmarks/results/loadtest.json")
+    args = ap.parse_args()
+    ready = httpx.get(args.gateway + "/ready", timeout=10).json()
+    worker = ready["pools"]["policy"]["workers"][0]["url"]
+    model = ready["pools"]["policy"]["model"]
+    results = {"machine": {"cpus": os.cpu_count()}, "args": vars(args), "time": time.time()}
+    skip = set(args.skip.split(","))
+    if "passthrough" not in skip:
+        results["passthrough"] = await passthrough(args.gateway, worker, model, ready.get("pid"), args)
+    if "search" not in skip:
+        results["search_efficiency"] = await search_efficiency(args.gateway, model)
+    if "throughput" not in skip:
+        results["problems_per_minute"] = await problems_per_minute(args.gateway, model, args.problems)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
