@@ -22,14 +22,40 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         settings.host = args.host
     if args.port:
         settings.port = args.port
+    if args.workers:
+        settings.workers = args.workers
     # Embedded bundled models are prepared on first start, so one command takes a fresh machine to serving.
     if not settings.policy.model and settings.policy.served_name in BUNDLED:
         prepare(settings.policy.served_name, settings.models_dir)
+    if settings.workers > 1:
+        return _serve_multiprocess(settings, args)
     gateway = Gateway(settings)
     config = uvicorn.Config(create_app(settings, gateway), host=settings.host, port=settings.port,
                             log_level=settings.log_level, access_log=args.access_log,
                             timeout_graceful_shutdown=int(settings.drain_timeout_s))
     DrainingServer(config, gateway, settings.drain_timeout_s).run()
+    return 0
+
+
+def _serve_multiprocess(settings: Settings, args: argparse.Namespace) -> int:
+    """Several gateway processes on one port. Co-located workers belong to one supervisor, so this needs worker URLs
+    (remote mode); metrics are aggregated across processes through PROMETHEUS_MULTIPROC_DIR."""
+    import os
+    import tempfile
+
+    import uvicorn
+
+    if settings.policy.embedded or ("prm" in settings.reward_backend and settings.reward.embedded):
+        print("serve --workers > 1 needs TTC_POLICY__URLS (and TTC_REWARD__URLS): run the workers separately",
+              file=sys.stderr)
+        return 2
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="ttc-metrics-"))
+    from .metrics import prepare_multiproc_dir
+
+    prepare_multiproc_dir(os.environ["PROMETHEUS_MULTIPROC_DIR"])  # before any worker writes: no stale files
+    uvicorn.run("service.api.app:app_from_env", factory=True, host=settings.host, port=settings.port,
+                workers=settings.workers, log_level=settings.log_level, access_log=args.access_log,
+                timeout_graceful_shutdown=int(settings.drain_timeout_s))
     return 0
 
 
@@ -63,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the gateway (embedded mode also starts co-located vLLM workers)")
     serve.add_argument("--host", help="bind address (default 127.0.0.1, TTC_HOST)")
     serve.add_argument("--port", type=int, help="port (default 8000, TTC_PORT)")
+    serve.add_argument("--workers", type=int, help="gateway processes (TTC_WORKERS; >1 needs worker URLs)")
     serve.add_argument("--access-log", action="store_true", help="log every request")
     serve.set_defaults(func=_serve)
 

@@ -87,6 +87,8 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 8000
+    # Gateway processes (uvicorn workers); more than one needs worker URLs and aggregates metrics across processes.
+    workers: int = Field(1, ge=1)
     log_level: str = "info"
     models_dir: Path = Field(default_factory=default_models_dir)
 

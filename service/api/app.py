@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
@@ -10,6 +11,7 @@ from fastapi import FastAPI
 
 from ..config import Settings
 from ..gateway import Gateway
+from ..metrics import mark_process_dead, multiproc_dir
 from .errors import install_handlers
 from .middleware import FrontDoor
 from .routes import router
@@ -29,6 +31,8 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> FrontDoor:
         finally:
             gw.draining = True
             await gw.stop()
+            if multiproc_dir():
+                mark_process_dead(os.getpid())  # its live gauges leave the sums; its counters stay
             log.info("ttc-gateway stopped")
 
     app = FastAPI(title="ttc-gateway", version="0.1.0", lifespan=lifespan)
@@ -37,3 +41,11 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> FrontDoor:
     app.include_router(router)
     return FrontDoor(app, max_body_bytes=settings.max_body_bytes, api_key_hashes=settings.api_key_hashes,
                      protect_metrics=settings.protect_metrics)
+
+
+def app_from_env() -> FrontDoor:
+    """Factory for uvicorn's multi-process mode (`serve --workers N`): each process builds its own app."""
+    settings = Settings()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    return create_app(settings)

@@ -140,3 +140,20 @@ def test_best_of_n_reuses_samples_incrementally(gateway, model_name):
     assert second["tokens"]["policy_completion"] <= 4 * 24
     third = httpx.post(url, json=body, headers={"Cache-Control": "no-cache"}, timeout=300).json()["ttc"]
     assert third["samples_reused"] == 0
+
+
+def test_counters_sum_across_gateway_processes(spawn_gateway, model_name, tmp_path):
+    """Three uvicorn worker processes behind one port: /metrics (served by any of them) counts every request once."""
+    mp = tmp_path / "metrics"
+    mp.mkdir()
+    (mp / "counter_999999.db").write_bytes(b"stale")  # left by an earlier run: wiped at start-up
+    gw = spawn_gateway(TTC_WORKERS="3", PROMETHEUS_MULTIPROC_DIR=str(mp))
+    for i in range(12):
+        r = httpx.post(gw.base_url + "/v1/completions", json={"model": model_name, "prompt": f"hi {i}",
+                                                               "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200
+    pids = {httpx.get(gw.base_url + "/ready").json()["pid"] for _ in range(30)}
+    assert len(pids) >= 2, "requests should spread over several processes"
+    values = scrape(gw.base_url)
+    assert total(values, "ttc_requests_total", route="/v1/completions", status_class="2xx") == 12
+    assert not (mp / "counter_999999.db").exists()
