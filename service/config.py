@@ -96,6 +96,8 @@ class Settings(BaseSettings):
     reward: RewardPoolSettings = Field(default_factory=RewardPoolSettings)
     # The learned PRM head applied to the reward worker's hidden states (shipped with the package).
     prm_head_path: str = ""
+    # The calibrated (difficulty bin, budget) -> strategy table behind `auto` (ttc-gateway calibrate writes one).
+    policy_table_path: str = ""
 
     # Embedded workers: CPU threading of vLLM-CPU (one core reserved by default costs ~30% throughput).
     vllm_cpu_threads: str = "auto"

@@ -14,6 +14,7 @@ from .config import Settings, WorkerPoolSettings
 from .metering import Meter, ModelShape
 from .metrics import Metrics
 from .rewards import ArithmeticReward, ProductReward
+from .router.table import load as load_table
 from .serving.admission import Admission
 from .serving.quota import FlopsQuota
 from .serving.response_cache import ResponseCache
@@ -24,6 +25,7 @@ from .workers.reward import MeteredPRM, PRMClient
 from .workers.supervisor import ManagedWorker, Supervisor, WorkerSpec
 
 DEFAULT_PRM_HEAD = Path(__file__).parent / "data" / "prm_head_smollm2.npz"
+DEFAULT_POLICY_TABLE = Path(__file__).parent / "data" / "policy_table_smollm2.json"
 
 log = logging.getLogger("ttc.gateway")
 
@@ -69,6 +71,8 @@ class Gateway:
                                    settings.retry_after_s)
         self.policy_pool = self._build_pool("policy", settings.policy, policy_model(settings))
         self.policy = PolicyClient(self.policy_pool, load_shape(policy_model(settings), settings.policy.config_path))
+        table_path = Path(settings.policy_table_path) if settings.policy_table_path else DEFAULT_POLICY_TABLE
+        self.policy_table = load_table(table_path) if table_path.is_file() else None
         self.reward_pool: WorkerPool | None = None
         self.prm: PRMClient | None = None
         if "prm" in settings.reward_backend:

@@ -17,7 +17,8 @@ from ..workers.pool import WorkerError, WorkerUnavailable
 from . import passthrough, search
 from .context import RequestContext
 from .observe import record_request
-from .options import TTCOptions, make_strategy, parse_options
+from ..router.auto import AutoStrategy
+from .options import AUTO, TTCOptions, make_strategy, parse_options
 from .quota import QuotaExceeded
 
 Request = ChatCompletionRequest | CompletionRequest
@@ -176,7 +177,22 @@ async def _serve(gw: Gateway, ctx: RequestContext, req: Request, finish) -> Resp
         if opts.passthrough:
             max_tokens = passthrough_max_tokens(gw, req, max_tokens, limit)
             return await passthrough.forward(gw.policy, gw.response_cache, ctx, req, max_tokens, finish)
-        strategy = make_strategy(opts, max_n)
+        if opts.strategy_name == AUTO:
+            if opts.params:
+                raise APIError(400, "strategy auto takes no parameters", param="ttc.strategy", code="invalid_value")
+            if gw.policy_table is None:
+                raise APIError(400, "strategy auto needs a calibrated policy table (TTC_POLICY_TABLE_PATH)",
+                               param="ttc.strategy", code="invalid_value")
+
+            def chosen(info: dict) -> None:
+                ctx.difficulty = info.get("bin")
+                ctx.expected_accuracy = info.get("expected_accuracy")
+                if ctx.difficulty is not None:
+                    gw.metrics.difficulty(ctx.difficulty)
+
+            strategy = AutoStrategy(gw.policy_table, max_n, chosen)
+        else:
+            strategy = make_strategy(opts, max_n)
         ctx.strategy = strategy.name
         gw.metrics.strategy(strategy.name)
         reward = gw.reward_for(ctx.meter, ctx.tenant) if strategy.requires_reward else None

@@ -101,3 +101,18 @@ def test_budget_is_never_exceeded(base_url, model_name):
     ttc = r.json()["ttc"]
     assert ttc["flops"]["total"] <= budget
     assert ttc["samples"] < 16 and ttc["budget_exhausted"] is True
+
+
+def test_auto_reports_difficulty_and_expected_accuracy(base_url, model_name):
+    body = {"model": model_name, "messages": MESSAGES, "max_tokens": 48}
+    headers = {"X-TTC-Strategy": "auto", "X-TTC-Budget-FLOPs": "5e11"}
+    r = httpx.post(base_url + "/v1/chat/completions", json=body, headers=headers, timeout=300)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-ttc-strategy"] == "auto"
+    assert 1 <= int(r.headers["x-ttc-difficulty"]) <= 5
+    assert 0.0 <= float(r.headers["x-ttc-expected-accuracy"]) <= 1.0
+    ttc = r.json()["ttc"]
+    assert ttc["flops"]["total"] <= 5e11
+    assert ttc["details"]["auto"]["strategy"] in ("best_of_n", "beam_search", "dvts", "rebase", "revisions",
+                                                  "greedy")
+    assert float(r.headers["x-ttc-budget-remaining-flops"]) >= 0
