@@ -27,6 +27,8 @@ PROMPTS = [f"Write one sentence about the number {i}." for i in range(64)]
 QUESTIONS = ["Tom has 4 apples and gets 3 more. How many apples does he have now?",
              "Sara has 9 bags of 31 coins and loses 2 coins. How many coins are left?",
              "What is (25 + 33) * 8 - 59?", "A box holds 12 pens. How many pens are in 7 boxes?"]
+# Measure the engine, not the gateway's caches (sample pool, PRM scores, responses).
+NO_CACHE = {"Cache-Control": "no-cache, no-store"}
 SYSTEM = "Solve the problem step by step, one calculation per line, and end with 'The answer is N.'"
 
 
@@ -94,22 +96,25 @@ async def search_efficiency(gateway: str, model: str) -> list[dict]:
                 body = {"model": model, "max_tokens": 96, "ttc": ttc,
                         "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]}
                 t = time.perf_counter()
-                r = await client.post(gateway + "/v1/chat/completions", json=body)
+                r = await client.post(gateway + "/v1/chat/completions", json=body, headers=NO_CACHE)
                 wall = time.perf_counter() - t
                 r.raise_for_status()
                 info = r.json()["ttc"]
-                rounds = max(1, info.get("steps") or 1)
+                details = info.get("details") or {}
+                rounds = max(1, details.get("rounds") or 1)
                 tok = info["tokens"]
                 row = {"strategy": ttc["strategy"], "question": q[:40], "rounds": rounds,
                        "prefill_requested": tok["policy_prompt"], "prefill_cached": tok["policy_cached"],
                        "prefix_hit_rate": tok["policy_cached"] / max(1, tok["policy_prompt"]),
-                       "policy_calls_per_round": info["calls"]["policy"] / rounds,
+                       "generate_calls_per_round": details.get("generate_calls", 0) / rounds,
+                       "policy_requests_per_round": info["calls"]["policy"] / rounds,
                        "reward_calls_per_round": info["calls"]["reward"] / rounds,
                        "wall_s_per_round": wall / rounds, "flops": info["flops"]["total"]}
                 rows.append(row)
                 print(f"{row['strategy']:<12} rounds {rounds:>2}  prefill {tok['policy_prompt']:>6} requested, "
                       f"{tok['policy_cached']:>6} from prefix cache ({100 * row['prefix_hit_rate']:.0f}%)  "
-                      f"policy calls/round {row['policy_calls_per_round']:.2f}  PRM calls/round "
+                      f"generate calls/round {row['generate_calls_per_round']:.2f} (engine requests "
+                      f"{row['policy_requests_per_round']:.2f})  PRM calls/round "
                       f"{row['reward_calls_per_round']:.2f}  {row['wall_s_per_round']:.2f} s/round", flush=True)
     return rows
 
@@ -125,7 +130,8 @@ async def problems_per_minute(gateway: str, model: str, n_problems: int) -> list
                         "messages": [{"role": "system", "content": SYSTEM},
                                      {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)] + f" (#{i})"}]}
                 async with sem:
-                    (await client.post(gateway + "/v1/chat/completions", json=body)).raise_for_status()
+                    r = await client.post(gateway + "/v1/chat/completions", json=body, headers=NO_CACHE)
+                    r.raise_for_status()
 
             async with httpx.AsyncClient(timeout=1800) as client:
                 t = time.perf_counter()

@@ -71,6 +71,12 @@ def _prepare(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_prm(settings: Settings, args: argparse.Namespace) -> int:
+    from .models import train_prm
+
+    return train_prm.main(args.args)
+
+
 def _hash_key(settings: Settings, args: argparse.Namespace) -> int:
     from .api.middleware import hash_key
 
@@ -105,11 +111,21 @@ def build_parser() -> argparse.ArgumentParser:
     from . import bench, calibrate
 
     calibrate.add_parser(sub)
+    tp = sub.add_parser("train-prm", add_help=False,
+                        help="train the PRM head on calibration problems (see `ttc-gateway train-prm --help`)")
+    tp.add_argument("args", nargs=argparse.REMAINDER)
+    tp.set_defaults(func=_train_prm)
     bench.add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train-prm"]:
+        # Its own argument parser (service.models.train_prm) takes everything after the command name.
+        from .models import train_prm
+
+        sys.exit(train_prm.main(argv[1:]))
     args = build_parser().parse_args(argv)
     settings = Settings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
