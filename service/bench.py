@@ -18,22 +18,16 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .calibrate import (
-    BON_N,
     SEARCH_GRID,
     TINY_GRID,
-    bon_size,
-    budget_flops,
-    run_grid,
-    Config,
     add_worker_args,
     bon_configs,
-    config_key,
+    bon_size,
     gateway_settings,
     load_pool,
-    outcomes,
-    probe_of,
-    route,
+    run_grid,
 )
+from .router.fit import BON_N, Config, budget_flops, config_key, outcomes, probe_of, route
 from .router.table import N_BINS, PolicyTable, load
 
 

@@ -107,7 +107,8 @@ def _rec(pid: str, correct: list[bool], last: list[float]) -> dict:
 
 
 def test_route_reuses_probe_samples_and_counts_their_flops():
-    from service.calibrate import bon_configs, route
+    from service.calibrate import bon_configs
+    from service.router.fit import route
     from service.calibrate import _cfg
 
     configs = bon_configs(16) + [_cfg("beam_search", 4, n=4, beam_width=2, lookahead=0)]
