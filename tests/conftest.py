@@ -76,6 +76,26 @@ class GatewayProcess:
         self._log.close()
 
 
+def worker_pids(gw: GatewayProcess) -> list[int]:
+    try:
+        pools = httpx.get(gw.base_url + "/ready", timeout=5).json()["pools"]
+    except (httpx.TransportError, ValueError):
+        return []
+    return [w["pid"] for p in pools.values() for w in p["workers"] if w.get("pid")]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purpose (its parent, the gateway, is gone and init reaps it).
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 @pytest.fixture(scope="session")
 def gateway(prepared_policy_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """The embedded default: gateway plus co-located vLLM-CPU policy and reward (PRM) workers."""
@@ -89,7 +109,11 @@ def gateway(prepared_policy_dir: Path, tmp_path_factory: pytest.TempPathFactory)
         gw.wait_ready()
         yield gw
     finally:
+        pids = worker_pids(gw)
         gw.stop()
+    # SIGTERM stops the co-located workers with the gateway: none may outlive it.
+    alive = [pid for pid in pids if _alive(pid)]
+    assert not alive, f"vLLM workers {alive} outlived the gateway"
 
 
 class RedisServer:
