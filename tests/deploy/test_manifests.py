@@ -840,6 +840,9 @@ def test_promtool_check_config(name):
         pytest.skip("promtool (Debian package prometheus) not installed")
     r = subprocess.run(["promtool", "check", "config", "--syntax-only", str(DEPLOY / "prometheus" / name)],
                        capture_output=True, text=True, timeout=60)
+    if r.returncode != 0 and "field kubernetes_sd_configs not found" in r.stdout + r.stderr:
+        # Debian builds Prometheus without Kubernetes service discovery; upstream images have it.
+        pytest.skip("this promtool (Debian's build) lacks Kubernetes service discovery; the upstream image has it")
     assert r.returncode == 0, r.stdout + r.stderr
 
 
