@@ -15,7 +15,8 @@ import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+# The workplace's shared/ folder (calibration datasets) sits beside the clone; TTC_SHARED_DIR points elsewhere.
+SHARED = Path(os.environ.get("TTC_SHARED_DIR") or REPO.parent / "shared")
 
 
 def models_dir() -> Path:
