@@ -23,7 +23,7 @@ def test_calibrate_then_bench_on_disjoint_problems(gateway, tmp_path):
 
     dataset_path = SHARED / "datasets" / "arith_graded.jsonl"
     if not dataset_path.is_file():
-        pytest.skip(f"calibration dataset {dataset_path} missing (set TTC_SHARED_DIR to the shared/ folder)")
+        pytest.skip(reason=f"calibration dataset {dataset_path} missing (set TTC_SHARED_DIR to the shared/ folder)")
     dataset = str(dataset_path)
     workers = ["--policy-url", gateway.worker_url, "--reward-url", gateway.reward_url, "--reward", "prm*arith"]
     table_path = tmp_path / "table.json"
