@@ -144,6 +144,29 @@ async def problems_per_minute(gateway: str, model: str, n_problems: int) -> list
     return rows
 
 
+def plot(results: dict, path: Path) -> None:
+    """Tokens/s through the gateway and straight to the worker, per concurrency level."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["passthrough"]
+    xs = [r["concurrency"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(xs, [r["direct"]["tokens_per_s"] for r in rows], "o-", label="vLLM worker directly")
+    ax.plot(xs, [r["gateway"]["tokens_per_s"] for r in rows], "s--", label="through ttc-gateway")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.set_xlabel("concurrent requests")
+    ax.set_ylabel("generated tokens / s")
+    ax.set_title("Pass-through throughput, one run")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gateway", default="http://127.0.0.1:8000")
@@ -153,7 +176,11 @@ async def main() -> None:
     ap.add_argument("--problems", type=int, default=8, help="problems per strategy for problems/minute")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: passthrough,search,throughput")
     ap.add_argument("--out", default="benchmarks/results/loadtest.json")
+    ap.add_argument("--plot-from", help="only redraw the plot from an earlier results JSON")
     args = ap.parse_args()
+    if args.plot_from:
+        plot(json.loads(Path(args.plot_from).read_text()), Path(args.plot_from).with_suffix(".png"))
+        return
     ready = httpx.get(args.gateway + "/ready", timeout=10).json()
     worker = ready["pools"]["policy"]["workers"][0]["url"]
     model = ready["pools"]["policy"]["model"]
@@ -167,6 +194,8 @@ async def main() -> None:
         results["problems_per_minute"] = await problems_per_minute(args.gateway, model, args.problems)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
+    if "passthrough" in results:
+        plot(results, Path(args.out).with_suffix(".png"))
     print(f"wrote {args.out}")
 
 
