@@ -117,6 +117,15 @@ def gateway(prepared_policy_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     assert not alive, f"vLLM workers {alive} outlived the gateway"
 
 
+def remote_env(gateway: "GatewayProcess", **extra: str) -> dict[str, str]:
+    """Environment of a gateway in remote mode on the embedded gateway's workers (starts in seconds)."""
+    import json
+
+    env = {"TTC_POLICY__URLS": json.dumps([gateway.worker_url]), "TTC_REWARD__URLS": json.dumps([gateway.reward_url])}
+    env.update(extra)
+    return env
+
+
 class RedisServer:
     """A private redis-server process, so a test can stop it under a running gateway."""
 
@@ -162,8 +171,7 @@ def remote_gateway(gateway: GatewayProcess, private_redis: RedisServer, tmp_path
     import json
 
     hashes = [hashlib.sha256(k.encode()).hexdigest() for k in API_KEYS]
-    env = {"TTC_POLICY__URLS": json.dumps([gateway.worker_url]), "TTC_REWARD__URLS": json.dumps([gateway.reward_url]),
-           "TTC_REDIS_URL": private_redis.url,
+    env = {**remote_env(gateway), "TTC_REDIS_URL": private_redis.url,
            "TTC_API_KEY_HASHES": json.dumps(hashes), "TTC_PROTECT_METRICS": "true"}
     gw = GatewayProcess(env, tmp_path_factory.mktemp("remote") / "gateway.log")
     try:
@@ -177,15 +185,11 @@ def remote_gateway(gateway: GatewayProcess, private_redis: RedisServer, tmp_path
 def spawn_gateway(gateway: GatewayProcess, tmp_path: Path):
     """Starts extra gateways in remote mode on the embedded workers (seconds, not a worker start), with settings of
     the test's choosing; stops them at the end of the test."""
-    import json
 
     started: list[GatewayProcess] = []
 
     def spawn(**env: str) -> GatewayProcess:
-        full = {"TTC_POLICY__URLS": json.dumps([gateway.worker_url]),
-                "TTC_REWARD__URLS": json.dumps([gateway.reward_url])}
-        full.update(env)
-        gw = GatewayProcess(full, tmp_path / f"gateway-{len(started)}.log")
+        gw = GatewayProcess(remote_env(gateway, **env), tmp_path / f"gateway-{len(started)}.log")
         started.append(gw)
         gw.wait_ready(90)
         return gw

@@ -8,9 +8,9 @@ the vote falls back to majority (details["selection_used"]).
 
 from __future__ import annotations
 
-from .base import ComputeBudget, Policy, Problem, ProgressCallback, Reward, SamplingParams, StrategyResult
-from .calls import BudgetedCalls, build_result, empty_result
-from .params import DEFAULT_STEP_DELIMITER, BestOfNParams, StrategyParamError, sampling_temperature
+from .base import ComputeBudget, Policy, Problem, ProgressCallback, Reward, StrategyResult
+from .calls import build_result, empty_result, start_sampling
+from .params import DEFAULT_STEP_DELIMITER, BestOfNParams
 from .steps import split_steps
 from .voting import Candidate, aggregate_scores, select
 
@@ -28,12 +28,7 @@ class BestOfN:
     async def run(self, problem: Problem, policy: Policy, reward: Reward | None, budget: ComputeBudget,
                   progress: ProgressCallback | None = None) -> StrategyResult:
         p = self.params
-        if self.requires_reward and reward is None:
-            raise StrategyParamError("selection", f"{p.selection!r} needs a reward model; use 'majority'")
-        calls = BudgetedCalls(policy, reward, budget, problem.seed)
-        temperature = sampling_temperature(p, problem.temperature)
-        sampling = SamplingParams(max_tokens=problem.max_tokens, temperature=temperature, top_p=problem.top_p,
-                                  stop=problem.stop)
+        calls, sampling = start_sampling(p, problem, policy, reward, budget, self.requires_reward)
         n = p.n
         while n > 0 and not budget.allows(policy.estimate_flops([problem.prompt], sampling, n)):
             n -= 1

@@ -168,3 +168,18 @@ def tree_result(calls: BudgetedCalls, finished: Sequence[Node], open_nodes: Sequ
     result = build_result(calls, select([partial], "best"), selection, delimiter, 0, partial=True, **details)
     result.budget_exhausted = True
     return result
+
+
+def start_sampling(params: Any, problem: Any, policy: Policy, reward: Reward | None, budget: ComputeBudget,
+                   requires_reward: bool) -> tuple[BudgetedCalls, SamplingParams]:
+    """Set-up shared by the strategies that sample whole answers (best-of-N, revisions): the reward check, the
+    budgeted call wrapper and the sampling parameters."""
+    from .params import StrategyParamError, sampling_temperature
+
+    if requires_reward and reward is None:
+        raise StrategyParamError("selection", f"{params.selection!r} needs a reward model; use 'majority'")
+    calls = BudgetedCalls(policy, reward, budget, problem.seed)
+    temperature = sampling_temperature(params, problem.temperature)
+    sampling = SamplingParams(max_tokens=problem.max_tokens, temperature=temperature, top_p=problem.top_p,
+                              stop=problem.stop)
+    return calls, sampling

@@ -16,9 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from .base import ComputeBudget, Policy, Problem, ProgressCallback, Reward, SamplingParams, StrategyResult
-from .calls import BudgetedCalls, build_result, empty_result
-from .params import DEFAULT_STEP_DELIMITER, RevisionsParams, StrategyParamError, sampling_temperature
+from .base import ComputeBudget, Policy, Problem, ProgressCallback, Reward, StrategyResult
+from .calls import build_result, empty_result, start_sampling
+from .params import DEFAULT_STEP_DELIMITER, RevisionsParams
 from .steps import split_steps
 from .voting import Candidate, aggregate_scores, answers_equivalent, select
 
@@ -95,12 +95,7 @@ class Revisions:
     async def run(self, problem: Problem, policy: Policy, reward: Reward | None, budget: ComputeBudget,
                   progress: ProgressCallback | None = None) -> StrategyResult:
         p = self.params
-        if self.requires_reward and reward is None:
-            raise StrategyParamError("selection", f"{p.selection!r} needs a reward model; use 'majority'")
-        calls = BudgetedCalls(policy, reward, budget, problem.seed)
-        temperature = sampling_temperature(p, problem.temperature)
-        sampling = SamplingParams(max_tokens=problem.max_tokens, temperature=temperature, top_p=problem.top_p,
-                                  stop=problem.stop)
+        calls, sampling = start_sampling(p, problem, policy, reward, budget, self.requires_reward)
         n_chains = p.n // p.chain_length
         first = await calls.generate([problem.prompt], sampling, n_chains)
         if first is None:

@@ -5,7 +5,6 @@ CI runs a short pass (TTC_FUZZ_EXAMPLES, default 60 per operation); `scripts/lon
 
 from __future__ import annotations
 
-import json
 import os
 
 import httpx
@@ -14,7 +13,7 @@ import pytest
 schemathesis = pytest.importorskip("schemathesis", reason="schemathesis not installed (test extra)")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 
-from ..conftest import GatewayProcess  # noqa: E402
+from ..conftest import GatewayProcess, remote_env  # noqa: E402
 
 pytestmark = pytest.mark.integration
 EXAMPLES = int(os.environ.get("TTC_FUZZ_EXAMPLES", "60"))
@@ -23,8 +22,8 @@ EXAMPLES = int(os.environ.get("TTC_FUZZ_EXAMPLES", "60"))
 @pytest.fixture(scope="module")
 def fuzz_gateway(gateway, tmp_path_factory):
     # Tight limits keep every valid generated request cheap on the CPU worker.
-    env = {"TTC_POLICY__URLS": json.dumps([gateway.worker_url]), "TTC_REWARD__URLS": json.dumps([gateway.reward_url]),
-           "TTC_MAX_TOKENS_CAP": "8", "TTC_DEFAULT_MAX_TOKENS": "8", "TTC_MAX_N": "2", "TTC_MAX_BODY_BYTES": "65536"}
+    env = remote_env(gateway, TTC_MAX_TOKENS_CAP="8", TTC_DEFAULT_MAX_TOKENS="8", TTC_MAX_N="2",
+                     TTC_MAX_BODY_BYTES="65536")
     gw = GatewayProcess(env, tmp_path_factory.mktemp("fuzz") / "gateway.log")
     try:
         gw.wait_ready(90)
