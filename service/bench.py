@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .calibrate import (
+    LEAN_GRID,
     SEARCH_GRID,
     TINY_GRID,
     add_worker_args,
@@ -185,7 +186,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--table", required=True)
     p.add_argument("--out", required=True, help="output directory (results.json, PNGs, bench.md)")
     p.add_argument("--work-dir", default="", help="per-problem results cache (default OUT/work)")
-    p.add_argument("--grid", default="full", choices=("full", "tiny"))
+    p.add_argument("--grid", default="full", choices=("full", "lean", "tiny"))
     add_worker_args(p)
     p.set_defaults(func=main)
 
@@ -195,7 +196,7 @@ def main(settings: Any, args: argparse.Namespace) -> int:
     calibrated = set(table.calibration.get("problem_ids", []))
     rows = [r for r in load_pool(args.dataset, args.seed) if r["id"] not in calibrated][: args.limit]
     gens = [int(b["generations"]) for b in table.budgets]
-    search = SEARCH_GRID if args.grid == "full" else TINY_GRID
+    search = {"full": SEARCH_GRID, "lean": LEAN_GRID, "tiny": TINY_GRID}[args.grid]
     configs = bon_configs(min(BON_N, max(gens))) + list(search)
     known = {c.key for c in configs}
     for e in table.entries:  # every strategy the table can choose must have been run

@@ -48,6 +48,8 @@ SEARCH_GRID: tuple[Config, ...] = (
     _cfg("rebase", 8, n=8),
     _cfg("revisions", 4, n=4, chain_length=2),
 )
+# The N = 4 searches only: what an AVX2-only 2-core host (float32, ~60 tok/s aggregate) can run over ~100 problems.
+LEAN_GRID: tuple[Config, ...] = tuple(c for c in SEARCH_GRID if c.params_dict["n"] == 4)
 TINY_GRID: tuple[Config, ...] = (_cfg("beam_search", 2, n=2, beam_width=2, lookahead=0),)
 
 
@@ -141,6 +143,7 @@ class GridRunner:
 
     async def run_problem(self, row: dict[str, Any], configs: Sequence[Config]) -> None:
         from .metering import Meter
+        from .rewards.arithmetic import ArithmeticReward
         from .strategies import build_strategy
         from .strategies.base import ComputeBudget, Problem, SamplingParams
         from .strategies.steps import split_steps
@@ -171,12 +174,22 @@ class GridRunner:
                 out = (await policy.generate([prompt], SamplingParams(max_tokens=self.max_tokens,
                                                                       temperature=TEMPERATURE), self.bon_n))[0]
                 pol = meter.policy.flops
-                scores = await reward.score(row["question"], [split_steps(c.text, "\n") for c in out])
+                steps = [split_steps(c.text, "\n") for c in out]
+                scores = await reward.score(row["question"], steps)
+                # The same draw scored by every backend (the calculator is free; the PRM only when it is
+                # configured): bench reports best-of-N and the bon-only router per backend without new samples.
+                by_backend = {"arith": await ArithmeticReward().score(row["question"], steps)}
+                if "prm" in self.reward_backend and self.gw.prm is not None:
+                    by_backend["prm"] = await self.gw.prm.score(row["question"], steps)
+                    by_backend["prm*arith"] = [[x * y for x, y in zip(a, b)]
+                                               for a, b in zip(by_backend["prm"], by_backend["arith"])]
                 samples = []
-                for c, s in zip(out, scores):
+                for j, (c, s) in enumerate(zip(out, scores)):
                     ans = extract_answer(c.text)
                     samples.append({"answer": ans, "correct": answers_equivalent(ans, gold),
                                     "last": float(s[-1]) if s else 0.0, "steps": len(s), "tokens": c.token_count,
+                                    "last_by": {name: float(v[j][-1]) if v[j] else 0.0
+                                                for name, v in by_backend.items()},
                                     "policy_flops": shape.generation_flops(plen, plen, [c.token_count])})
                 self._write({**base, "key": "bon", "n": self.bon_n, "samples": samples, "policy_flops": pol,
                              "reward_flops": meter.reward.flops, "seconds": time.monotonic() - t0})
@@ -256,6 +269,12 @@ async def with_gateway(settings: Any, fn: Any) -> Any:
         prepare(settings.policy.served_name, settings.models_dir)
     gw = Gateway(settings)
     t0 = time.monotonic()
+    # SIGTERM (a killed batch job) must stop the workers too, not orphan them: cancel, then the finally below runs.
+    import signal
+
+    task = asyncio.current_task()
+    if task is not None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     try:
         await gw.start()
         print(f"workers ready in {time.monotonic() - t0:.0f} s", flush=True)
@@ -311,7 +330,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--limit", type=int, required=True, help="calibration problems (head of the seeded pool)")
     p.add_argument("--out", required=True, help="policy table JSON to write")
     p.add_argument("--work-dir", required=True, help="per-problem results cache (resumable)")
-    p.add_argument("--grid", default="full", choices=("full", "tiny"), help="tiny: best-of-N + one beam config")
+    p.add_argument("--grid", default="full", choices=("full", "lean", "tiny"),
+                   help="lean: best-of-N + the N=4 searches; tiny: best-of-N + one beam config")
     p.add_argument("--budgets", default=",".join(map(str, BUDGET_GENERATIONS)),
                    help="budgets in generations' worth of FLOPs (best-of-N is drawn up to min(16, max budget))")
     add_worker_args(p)
@@ -323,7 +343,7 @@ def bon_size(budgets: Sequence[int]) -> int:
 
 
 def grid(name: str, budgets: Sequence[int]) -> list[Config]:
-    search = SEARCH_GRID if name == "full" else TINY_GRID
+    search = {"full": SEARCH_GRID, "lean": LEAN_GRID, "tiny": TINY_GRID}[name]
     return bon_configs(min(BON_N, max(budgets))) + list(search)
 
 

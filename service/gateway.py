@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from .cache import SampleStore, build_cache
-from .config import Settings, WorkerPoolSettings
+from .config import RewardPoolSettings, Settings, WorkerPoolSettings
 from .metering import Meter, ModelShape
 from .metrics import Metrics
 from .rewards import ArithmeticReward, ProductReward
@@ -21,8 +21,9 @@ from .serving.response_cache import ResponseCache
 from .strategies.base import Reward
 from .workers.policy import PolicyClient
 from .workers.pool import WorkerPool
-from .workers.reward import MeteredPRM, PRMClient
-from .workers.supervisor import ManagedWorker, Supervisor, WorkerSpec
+from .workers.reward import CachedStepScorer, MeteredPRM, PRMClient
+from .workers.step_prm import StepTagFormat, StepTagPRMClient
+from .workers.supervisor import ManagedWorker, Supervisor, WorkerSpec, step_pooling_args
 
 DEFAULT_PRM_HEAD = Path(__file__).parent / "data" / "prm_head_smollm2.npz"
 DEFAULT_POLICY_TABLE = Path(__file__).parent / "data" / "policy_table_smollm2.json"
@@ -74,7 +75,7 @@ class Gateway:
         table_path = Path(settings.policy_table_path) if settings.policy_table_path else DEFAULT_POLICY_TABLE
         self.policy_table = load_table(table_path) if table_path.is_file() else None
         self.reward_pool: WorkerPool | None = None
-        self.prm: PRMClient | None = None
+        self.prm: CachedStepScorer | None = None
         if "prm" in settings.reward_backend:
             self.reward_pool = self._build_pool("reward", settings.reward, reward_model(settings))
             self.prm = self._build_prm(self.reward_pool)
@@ -82,11 +83,15 @@ class Gateway:
         self.started_at = int(time.time())
         self._health_task: asyncio.Task | None = None
 
-    def _build_prm(self, pool: WorkerPool) -> PRMClient:
+    def _build_prm(self, pool: WorkerPool) -> CachedStepScorer:
         from .models.prm_head import PRMHead, PRMTokenizer
 
         s = self.settings
         model = reward_model(s)
+        if s.reward.format != "head":
+            fmt = StepTagFormat.named(s.reward.format, s.reward.step_tag, s.reward.step_tag_id, s.reward.good_index)
+            return StepTagPRMClient(pool, load_shape(model, s.reward.config_path), fmt, cache=self.cache,
+                                    cache_ttl_s=s.cache_prm_ttl_s, max_model_len=s.reward.max_model_len)
         head = PRMHead.load(s.prm_head_path or DEFAULT_PRM_HEAD)
         tokenizer = PRMTokenizer.from_model_dir(model, system=head.metadata.get("system"), delimiter=head.delimiter)
         return PRMClient(pool, load_shape(model, s.reward.config_path), head, tokenizer, cache=self.cache,
@@ -108,6 +113,10 @@ class Gateway:
                                   dtype=pool_settings.dtype, kv_cache_gib=pool_settings.kv_cache_gib,
                                   pooling=(role == "reward"), chunked_prefill=pool_settings.chunked_prefill,
                                   extra_args=pool_settings.extra_args)
+                if role == "reward" and isinstance(pool_settings, RewardPoolSettings) \
+                        and pool_settings.format != "head":
+                    fmt = StepTagFormat.named(pool_settings.format, pool_settings.step_tag, pool_settings.step_tag_id)
+                    spec.pooling_args = step_pooling_args(fmt.name, fmt.step_tag_id or 0)
                 self.supervisor.add(ManagedWorker(spec, ep, s.models_dir.parent / "logs", s.vllm_cpu_threads,
                                                   s.worker_start_timeout_s, s.worker_restart), pool)
         return pool
@@ -132,6 +141,10 @@ class Gateway:
     async def start(self) -> None:
         await self.supervisor.start_all()
         await self._refresh_health()
+        if isinstance(self.prm, StepTagPRMClient) and self.reward_pool and self.reward_pool.ready:
+            # A wrong step tag makes every score garbage: refuse to serve rather than search with noise.
+            tag_id = await self.prm.check_step_tag()
+            log.info("reward worker step tag %r is token %d", self.prm.fmt.step_tag, tag_id)
         self._health_task = asyncio.create_task(self._health_loop(), name="worker-health")
 
     def spawn(self, coro) -> None:

@@ -54,58 +54,36 @@ def _decode_hidden(item: dict[str, Any]) -> np.ndarray:
     return np.asarray(data, dtype=np.float32)
 
 
-class PRMClient:
-    def __init__(self, pool: WorkerPool, shape: ModelShape, head: PRMHead, tokenizer: Any,
-                 cache: Cache | None = None, cache_ttl_s: float = 86400, max_model_len: int = 2048):
+class CachedStepScorer:
+    """Step-score caching shared by the PRM clients: a step's score is deterministic given (scorer version, served
+    model, question, step prefix), so it is cached under that key (a chained hash of the normalised steps). A
+    candidate whose every step is cached costs nothing; one with any uncached step is scored whole (a step's score
+    depends on the whole prefix). Subclasses implement `_score_uncached` (one worker call per round)."""
+
+    delimiter = "\n"
+    version = ""
+    reward_name = "prm"  # what the response's ttc object calls this verifier
+
+    def __init__(self, pool: WorkerPool, shape: ModelShape, cache: Cache | None = None, cache_ttl_s: float = 86400):
         self.pool = pool
         self.shape = shape
-        self.head = head
-        if not isinstance(tokenizer, PRMTokenizer):
-            tokenizer = PRMTokenizer(tokenizer, system=head.metadata.get("system"), delimiter=head.delimiter)
-        self.tokenizer = tokenizer
         self.cache = cache
         self.cache_ttl_s = cache_ttl_s
-        self.max_model_len = max_model_len
-        self.head_version = head.version
 
     @property
     def model(self) -> str:
         return self.pool.served_name
 
-    def layout(self, question: str, steps: Sequence[str]) -> PRMLayout:
-        layout = self.tokenizer.layout(question, steps)
-        if len(layout.token_ids) > self.max_model_len:  # keep the steps that fit; the rest inherit the last score
-            spans = [s for s in layout.step_spans if s[1] <= self.max_model_len]
-            end = spans[-1][1] if spans else layout.prompt_len
-            layout = PRMLayout(layout.token_ids[:end], layout.prompt_len, spans)
-        return layout
-
     def step_keys(self, question: str, steps: Sequence[str], tenant: str = "") -> list[str]:
-        """One cache key per step: (head version, model, question, hash chain of the normalised step prefix)."""
         keys, chain = [], hashlib.sha256(question.encode()).digest()
         for step in steps:
-            chain = hashlib.sha256(chain + normalise_step(step, self.tokenizer.delimiter).encode()).digest()
-            keys.append(cache_key("prm", tenant, {"head": self.head_version, "model": self.model,
-                                                   "prefix": chain.hex()}))
+            chain = hashlib.sha256(chain + normalise_step(step, self.delimiter).encode()).digest()
+            keys.append(cache_key("prm", tenant, {"head": self.version, "model": self.model, "prefix": chain.hex()}))
         return keys
 
-    async def pool_hidden(self, token_lists: list[list[int]]) -> tuple[list[np.ndarray], dict[str, Any]]:
-        """One /pooling call; per input a (tokens x d) float32 array, plus the usage block."""
-        body = await self.pool.post_json("/pooling", {"model": self.model, "input": token_lists,
-                                                          "encoding_format": "base64"})
-        data = sorted(body.get("data") or [], key=lambda d: int(d.get("index", 0)))
-        if len(data) != len(token_lists):
-            raise WorkerError(self.pool.name, 502, f"/pooling returned {len(data)} results for {len(token_lists)}")
-        out = []
-        for item, ids in zip(data, token_lists):
-            hidden = _decode_hidden(item).reshape(len(ids), -1)
-            out.append(hidden)
-        return out, body.get("usage") or {}
-
-    def estimate_flops(self, question: str, candidates: Sequence[Sequence[str]]) -> float:
-        """Upper bound: every candidate sent, nothing cached."""
-        return sum(self.shape.encode_flops(len(self.layout(question, steps).token_ids)) for steps in candidates
-                   if steps)
+    async def _score_uncached(self, question: str, candidates: Sequence[Sequence[str]],
+                              meter: Meter | None) -> list[list[float]]:
+        raise NotImplementedError
 
     async def score(self, question: str, candidates: Sequence[Sequence[str]], meter: Meter | None = None,
                     tenant: str = "") -> list[list[float]]:
@@ -128,33 +106,18 @@ class PRMClient:
         todo = [i for i, r in enumerate(results) if r is None]
         if not todo:
             return [list(r) for r in results]  # type: ignore[arg-type]
-
-        # Identical candidates in one round are encoded once.
-        unique: dict[tuple[int, ...], int] = {}
-        layouts: list[PRMLayout] = []
-        owner: dict[int, int] = {}
+        # Identical candidates in one round are scored once.
+        unique: dict[tuple[str, ...], int] = {}
         for i in todo:
-            layout = self.layout(question, candidates[i])
-            key = tuple(layout.token_ids)
-            if key not in unique:
-                unique[key] = len(layouts)
-                layouts.append(layout)
-            owner[i] = unique[key]
-        hidden, usage = await self.pool_hidden([lay.token_ids for lay in layouts])
-        if meter is not None:
-            self._meter(meter, usage, layouts)
-
-        scored: list[list[float]] = []
-        for lay, h in zip(layouts, hidden):
-            feats = step_features(h, lay)
-            scored.append([float(s) for s in self.head.score(feats)])
+            unique.setdefault(tuple(candidates[i]), len(unique))
+        scored = await self._score_uncached(question, [list(c) for c in unique], meter)
         writes: dict[str, bytes] = {}
         for i in todo:
-            s = scored[owner[i]]
+            s = scored[unique[tuple(candidates[i])]]
             n = len(candidates[i])
-            if len(s) < n:  # steps beyond max_model_len inherit the last score
+            if len(s) < n:  # steps cut off by max_model_len inherit the last score
                 s = s + [s[-1] if s else 0.5] * (n - len(s))
-            results[i] = s
+            results[i] = s[:n]
             for k, v in zip(keys[i], s):
                 writes[k] = struct.pack("<f", v)
         if self.cache is not None and writes:
@@ -165,8 +128,7 @@ class PRMClient:
         # Scores come back through the same float32 round trip as cached ones, so hits and misses agree exactly.
         return [[struct.unpack("<f", struct.pack("<f", x))[0] for x in r] for r in results]  # type: ignore[union-attr]
 
-    def _meter(self, meter: Meter, usage: dict[str, Any], layouts: Sequence[PRMLayout]) -> float:
-        lengths = [len(lay.token_ids) for lay in layouts]
+    def _meter_lengths(self, meter: Meter, usage: dict[str, Any], lengths: Sequence[int]) -> float:
         total = sum(lengths)
         prompt = int(usage.get("prompt_tokens") or 0) or total
         cached_total = int(((usage.get("prompt_tokens_details") or {}).get("cached_tokens")) or 0)
@@ -179,12 +141,57 @@ class PRMClient:
         return flops
 
 
+class PRMClient(CachedStepScorer):
+    """The bundled learned PRM: hidden states from a token_embed pooling worker, step scores from the numpy head."""
+
+    def __init__(self, pool: WorkerPool, shape: ModelShape, head: PRMHead, tokenizer: Any,
+                 cache: Cache | None = None, cache_ttl_s: float = 86400, max_model_len: int = 2048):
+        super().__init__(pool, shape, cache, cache_ttl_s)
+        self.head = head
+        if not isinstance(tokenizer, PRMTokenizer):
+            tokenizer = PRMTokenizer(tokenizer, system=head.metadata.get("system"), delimiter=head.delimiter)
+        self.tokenizer = tokenizer
+        self.delimiter = tokenizer.delimiter
+        self.max_model_len = max_model_len
+        self.version = self.head_version = head.version
+
+    def layout(self, question: str, steps: Sequence[str]) -> PRMLayout:
+        layout = self.tokenizer.layout(question, steps)
+        if len(layout.token_ids) > self.max_model_len:  # keep the steps that fit; the rest inherit the last score
+            spans = [s for s in layout.step_spans if s[1] <= self.max_model_len]
+            end = spans[-1][1] if spans else layout.prompt_len
+            layout = PRMLayout(layout.token_ids[:end], layout.prompt_len, spans)
+        return layout
+
+    async def pool_hidden(self, token_lists: list[list[int]]) -> tuple[list[np.ndarray], dict[str, Any]]:
+        """One /pooling call; per input a (tokens x d) float32 array, plus the usage block."""
+        body = await self.pool.post_json("/pooling", {"model": self.model, "input": token_lists,
+                                                          "encoding_format": "base64"})
+        data = sorted(body.get("data") or [], key=lambda d: int(d.get("index", 0)))
+        if len(data) != len(token_lists):
+            raise WorkerError(self.pool.name, 502, f"/pooling returned {len(data)} results for {len(token_lists)}")
+        return [_decode_hidden(item).reshape(len(ids), -1) for item, ids in zip(data, token_lists)], \
+            body.get("usage") or {}
+
+    def estimate_flops(self, question: str, candidates: Sequence[Sequence[str]]) -> float:
+        """Upper bound: every candidate sent, nothing cached."""
+        return sum(self.shape.encode_flops(len(self.layout(question, steps).token_ids)) for steps in candidates
+                   if steps)
+
+    async def _score_uncached(self, question: str, candidates: Sequence[Sequence[str]],
+                              meter: Meter | None) -> list[list[float]]:
+        layouts = [self.layout(question, steps) for steps in candidates]
+        hidden, usage = await self.pool_hidden([lay.token_ids for lay in layouts])
+        if meter is not None:
+            self._meter_lengths(meter, usage, [len(lay.token_ids) for lay in layouts])
+        return [[float(x) for x in self.head.score(step_features(h, lay))] for lay, h in zip(layouts, hidden)]
+
+
 class MeteredPRM:
-    """Implements strategies.base.Reward ("prm") for one request."""
+    """Implements strategies.base.Reward ("prm") for one request, over any CachedStepScorer."""
 
-    name = "prm"
-
-    def __init__(self, client: PRMClient, meter: Meter, tenant: str = ""):
+    def __init__(self, client: CachedStepScorer, meter: Meter, tenant: str = ""):
+        self.name = client.reward_name
         self.client = client
         self.meter = meter
         self.tenant = tenant

