@@ -1,6 +1,6 @@
 """The policy model behind the `Policy` interface, on a pool of vLLM OpenAI servers.
 
-`PolicyClient` is shared by all requests (one pool, one httpx client). `MeteredPolicy` is its per-request view that
+`PolicyClient` is shared by all requests (one pool, one aiohttp session). `MeteredPolicy` is its per-request view that
 strategies receive: every call it makes is metered into that request's `Meter` from the token counts vLLM returns.
 """
 

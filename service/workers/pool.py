@@ -1,4 +1,8 @@
-"""A pool of vLLM OpenAI servers serving one model, reached through one shared httpx.AsyncClient.
+"""A pool of vLLM OpenAI servers serving one model, reached through one shared aiohttp session.
+
+aiohttp rather than httpx for the upstream hop: profiled under 32 concurrent pass-through requests (py-spy, see the
+README's benchmarks), httpx/httpcore took 68% of the gateway's busy CPU, most of it scanning every pooled connection
+on every request (`has_expired` -> `is_socket_readable` through anyio's attribute lookups).
 
 The pool knows which endpoints answer `/health`, picks the least-loaded healthy one per call and turns transport
 failures into `WorkerUnavailable`, which the API maps to 503 + Retry-After. It knows nothing about strategies.
@@ -13,10 +17,14 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-import httpx
+import aiohttp
 import orjson
 
 log = logging.getLogger("ttc.workers")
+
+_JSON = {"content-type": "application/json"}
+# What a broken or unreachable worker raises (connection refused/reset, server gone, read timeout).
+TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
 
 
 class WorkerUnavailable(Exception):
@@ -71,12 +79,18 @@ class WorkerPool:
     connect_timeout_s: float = 2.0
     request_timeout_s: float = 600.0
     metrics: Any = None  # service.metrics.Metrics; optional so the pool stays usable on its own
-    client: httpx.AsyncClient = field(init=False)
+    _session: aiohttp.ClientSession | None = field(default=None, init=False, repr=False)
 
-    def __post_init__(self) -> None:
-        timeout = httpx.Timeout(self.request_timeout_s, connect=self.connect_timeout_s)
-        limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
-        self.client = httpx.AsyncClient(timeout=timeout, limits=limits)
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """Created on first use, inside the running event loop (aiohttp binds a session to its loop)."""
+        if self._session is None or self._session.closed:
+            # Per-read (not total) timeout: a long stream is fine as long as tokens keep coming.
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_s,
+                                            sock_read=self.request_timeout_s)
+            connector = aiohttp.TCPConnector(limit=256, keepalive_timeout=30.0, ttl_dns_cache=300)
+            self._session = aiohttp.ClientSession(timeout=timeout, connector=connector, json_serialize=None)
+        return self._session
 
     @classmethod
     def from_urls(cls, name: str, served_name: str, urls: list[str], **kw: Any) -> "WorkerPool":
@@ -87,7 +101,8 @@ class WorkerPool:
         return any(e.healthy for e in self.endpoints)
 
     async def close(self) -> None:
-        await self.client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
     def _pick(self) -> Endpoint:
         healthy = [e for e in self.endpoints if e.healthy]
@@ -124,65 +139,67 @@ class WorkerPool:
         ep = self._pick()
         async with self._track(ep):
             try:
-                resp = await self.client.post(ep.url + path, content=orjson.dumps(payload),
-                                              headers={"content-type": "application/json"})
-            except (httpx.TransportError, httpx.TimeoutException) as exc:
+                async with self.session.post(ep.url + path, data=orjson.dumps(payload), headers=_JSON) as resp:
+                    status, content = resp.status, await resp.read()
+            except TRANSPORT_ERRORS as exc:
                 self._mark_down(ep, exc)
                 self._outcome("unavailable", type(exc).__name__)
                 raise WorkerUnavailable(self.name, str(exc) or type(exc).__name__) from exc
-        return self._decode(resp)
+        return self._decode(status, content)
 
-    def _decode(self, resp: httpx.Response) -> dict[str, Any]:
+    def _decode(self, status: int, content: bytes) -> dict[str, Any]:
         try:
-            body = orjson.loads(resp.content)
+            body = orjson.loads(content)
         except orjson.JSONDecodeError:
-            body = resp.text[:500]
-        if resp.status_code >= 400:
-            self._outcome("error", f"http_{resp.status_code // 100}xx")
-            raise WorkerError(self.name, resp.status_code, body)
+            body = content[:500].decode("utf-8", "replace")
+        if status >= 400:
+            self._outcome("error", f"http_{status // 100}xx")
+            raise WorkerError(self.name, status, body)
         self._outcome("ok")
         return body
 
     @asynccontextmanager
     async def stream(self, path: str, payload: dict[str, Any]) -> AsyncIterator[AsyncIterator[str]]:
-        """POST and yield the SSE `data:` payloads as they arrive. Closing the context aborts the upstream request
-        (vLLM aborts generation when its client disconnects)."""
+        """POST and yield the SSE `data:` payloads as they arrive. Leaving the context before the end closes the
+        connection, which makes vLLM abort the generation (its client went away)."""
         ep = self._pick()
         async with self._track(ep):
-            request = self.client.build_request("POST", ep.url + path, content=orjson.dumps(payload),
-                                                headers={"content-type": "application/json"})
             try:
-                resp = await self.client.send(request, stream=True)
-            except (httpx.TransportError, httpx.TimeoutException) as exc:
+                resp = await self.session.post(ep.url + path, data=orjson.dumps(payload), headers=_JSON)
+            except TRANSPORT_ERRORS as exc:
                 self._mark_down(ep, exc)
                 self._outcome("unavailable", type(exc).__name__)
                 raise WorkerUnavailable(self.name, str(exc) or type(exc).__name__) from exc
             try:
-                if resp.status_code >= 400:
-                    await resp.aread()
-                    self._decode(resp)
+                if resp.status >= 400:
+                    self._decode(resp.status, await resp.read())
                 self._outcome("ok")
                 yield self._sse_data(resp, ep)
             finally:
-                await resp.aclose()
+                if resp.content.at_eof():
+                    resp.release()  # read to the end: the connection goes back to the pool
+                else:
+                    resp.close()  # abandoned mid-stream: drop the connection so vLLM aborts the request
 
-    async def _sse_data(self, resp: httpx.Response, ep: Endpoint) -> AsyncIterator[str]:
+    async def _sse_data(self, resp: aiohttp.ClientResponse, ep: Endpoint) -> AsyncIterator[str]:
         try:
-            async for line in resp.aiter_lines():
-                if line.startswith("data:"):
-                    yield line[5:].strip()
-        except (httpx.TransportError, httpx.TimeoutException) as exc:
+            async for raw in resp.content:
+                if raw.startswith(b"data:"):
+                    yield raw[5:].strip().decode()
+        except TRANSPORT_ERRORS as exc:
             self._mark_down(ep, exc)
             self._outcome("broken_stream", type(exc).__name__)
             raise WorkerUnavailable(self.name, f"stream broke: {exc}") from exc
 
     async def check_health(self) -> None:
+        probe = aiohttp.ClientTimeout(total=self.connect_timeout_s + 1.0)
+
         async def one(ep: Endpoint) -> None:
             try:
-                r = await self.client.get(ep.url + "/health", timeout=self.connect_timeout_s + 1.0)
-                ep.healthy = r.status_code == 200
-                ep.last_error = "" if ep.healthy else f"/health returned {r.status_code}"
-            except (httpx.TransportError, httpx.TimeoutException) as exc:
+                async with self.session.get(ep.url + "/health", timeout=probe) as r:
+                    ep.healthy = r.status == 200
+                    ep.last_error = "" if ep.healthy else f"/health returned {r.status}"
+            except TRANSPORT_ERRORS as exc:
                 ep.healthy = False
                 ep.last_error = f"{type(exc).__name__}: {exc}"[:300]
             ep.checked_at = time.time()
