@@ -79,7 +79,7 @@ class BeamSearch:
             survivors = sorted(open_nodes, key=lambda n: -(n.score or 0.0))[: p.n // p.beam_width]
             widths = spread(p.n, len(survivors))
             await streamer.update([s.text for s in survivors] + [f.text for f in finished])
-        return tree_result(calls, first_finished(finished, p.n), open_nodes, p.selection, delimiter,
+        return await tree_result(calls, first_finished(finished, p.n), open_nodes, p.selection, delimiter,
                            rounds=rounds, finished_count=len(finished), streamed=streamer.sent)
 
     async def _rollouts(self, calls: BudgetedCalls, problem: Problem, nodes: list[Node]) -> list[str]:

@@ -12,7 +12,7 @@ from .base import ComputeBudget, Policy, Problem, ProgressCallback, Reward, Stra
 from .calls import build_result, empty_result, start_sampling
 from .params import DEFAULT_STEP_DELIMITER, BestOfNParams
 from .steps import split_steps
-from .voting import Candidate, aggregate_scores, select
+from .voting import Candidate, aggregate_scores, select_async
 
 
 class BestOfN:
@@ -49,6 +49,6 @@ class BestOfN:
             else:
                 for candidate, row in zip(candidates, scores):
                     candidate.score = aggregate_scores(row, p.aggregation)
-        choice = select(candidates, selection)
+        choice = await select_async(candidates, selection)
         return build_result(calls, choice, p.selection, DEFAULT_STEP_DELIMITER, len(candidates),
                             selection_used=selection, n_used=n)

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from .base import Completion, ComputeBudget, Policy, Reward, SamplingParams, StrategyResult
 from .steps import Node, split_steps
-from .voting import Candidate, Choice, aggregate_scores, select
+from .voting import Candidate, Choice, aggregate_scores, select, select_async
 
 
 class BudgetedCalls:
@@ -155,12 +155,12 @@ def inherit_scores(families: Sequence[Sequence[Node]], parents: Sequence[Node]) 
             child.score = parent.score if parent.score is not None else 0.0
 
 
-def tree_result(calls: BudgetedCalls, finished: Sequence[Node], open_nodes: Sequence[Node], selection: str,
+async def tree_result(calls: BudgetedCalls, finished: Sequence[Node], open_nodes: Sequence[Node], selection: str,
                 delimiter: str, **details: Any) -> StrategyResult:
     """Vote over finished solutions; with none (budget ran out), the best-scored open partial solution."""
     if finished:
         candidates = [Candidate.of(n.text, n.score or 0.0, n.finish_reason, n.tokens) for n in finished]
-        return build_result(calls, select(candidates, selection), selection, delimiter, len(candidates), **details)
+        return build_result(calls, await select_async(candidates, selection), selection, delimiter, len(candidates), **details)
     if not open_nodes:
         return empty_result(calls)
     best = max(open_nodes, key=lambda n: n.score or 0.0)

@@ -67,5 +67,5 @@ class DVTS:
             if calls.exhausted:
                 break
             await streamer.update([s.text for s in subtrees] + [a.text for a in pool])
-        return tree_result(calls, pool, subtrees, p.selection, delimiter, rounds=rounds,
+        return await tree_result(calls, pool, subtrees, p.selection, delimiter, rounds=rounds,
                            subtrees=p.n // p.beam_width, streamed=streamer.sent)

@@ -97,5 +97,5 @@ class Rebase:
             frontier = [n for n, w in zip(open_nodes, all_widths) if w > 0]
             widths = [w for w in all_widths if w > 0]
             await streamer.update([f.text for f in frontier] + [f.text for f in finished])
-        return tree_result(calls, finished, open_nodes, p.selection, delimiter, rounds=rounds,
+        return await tree_result(calls, finished, open_nodes, p.selection, delimiter, rounds=rounds,
                            finished_count=len(finished), streamed=streamer.sent)

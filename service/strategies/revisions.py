@@ -20,7 +20,7 @@ from .base import ComputeBudget, Policy, Problem, ProgressCallback, Reward, Stra
 from .calls import build_result, empty_result, start_sampling
 from .params import DEFAULT_STEP_DELIMITER, RevisionsParams
 from .steps import split_steps
-from .voting import Candidate, aggregate_scores, answers_equivalent, select
+from .voting import Candidate, aggregate_scores, answers_equivalent, select_async
 
 # Snell et al. condition the revision model on the 4 most recent attempts.
 MAX_ATTEMPTS_SHOWN = 4
@@ -121,10 +121,10 @@ class Revisions:
                 for attempt, row in zip(attempts, scores):
                     attempt.score = aggregate_scores(row, p.aggregation)
         if selection == "weighted":
-            winners = [select(chain, "weighted").candidate for chain in chains]
-            choice = select(winners, "weighted")
+            winners = [(await select_async(chain, "weighted")).candidate for chain in chains]
+            choice = await select_async(winners, "weighted")
         else:
-            choice = select(attempts, selection)
+            choice = await select_async(attempts, selection)
         changes = sum(a.answer != b.answer and not answers_equivalent(a.answer, b.answer)
                       for chain in chains for a, b in zip(chain, chain[1:]))
         return build_result(

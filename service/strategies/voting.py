@@ -13,9 +13,11 @@ denominator of the vote share. If no candidate has an answer, voting falls back 
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal, Sequence
@@ -96,8 +98,15 @@ def _normalised(answer: str) -> str:
     return re.sub(r"\s+", "", answer).replace(",", "").lower()
 
 
+# Longer "answers" are compared as normalised text only: off the main thread math_verify runs without its SIGALRM
+# timeout, and a runaway expression must not occupy the voting thread.
+MAX_PARSED_ANSWER_CHARS = 200
+
+
 @lru_cache(maxsize=16384)
 def _equivalent_cached(a: str, b: str) -> bool:
+    if max(len(a), len(b)) > MAX_PARSED_ANSWER_CHARS:
+        return _normalised(a) == _normalised(b)
     pa, pb = parse_answer(a), parse_answer(b)
     if not pa or not pb:
         return _normalised(a) == _normalised(b)
@@ -189,3 +198,17 @@ def select(candidates: Sequence[Candidate], selection: Literal["majority", "best
     member = max(groups[winner], key=lambda i: (candidates[i].score, -i))
     share = sums[winner] / total if total > 0 else 0.0
     return Choice(candidates[member], share, share, tally)
+
+
+# One thread: math_verify/sympy calls are serialised (no thread-safety questions) and kept off the event loop.
+_VOTER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ttc-vote")
+
+
+async def select_async(candidates: Sequence[Candidate],
+                       selection: Literal["majority", "best", "weighted"]) -> Choice:
+    """`select` without stalling the event loop: grouping answers by equivalence parses them with math_verify
+    (measured: 0.09 s for 16 integer answers, about 1 s for 64 distinct fractions), time in which every other
+    request on this gateway process would wait. Trivial votes (at most one distinct answer text) stay inline."""
+    if len({_normalised(c.answer) for c in candidates if c.answer is not None}) <= 1:
+        return select(candidates, selection)
+    return await asyncio.get_running_loop().run_in_executor(_VOTER, select, candidates, selection)

@@ -93,3 +93,39 @@ def test_ties_are_deterministic():
     assert select(list(reversed(cands)), "weighted").candidate.answer == "2"
     with pytest.raises(ValueError):
         select([], "weighted")
+
+
+async def test_select_async_keeps_the_event_loop_responsive():
+    import asyncio
+
+    from service.strategies import voting
+
+    voting.parse_answer.cache_clear()
+    voting._equivalent_cached.cache_clear()
+    # 48 distinct fractions: math_verify parses each and compares pairs, far longer than one loop tick.
+    cands = [Candidate.of(f"The answer is \\frac{{{i}}}{{{i + 7}}}.", score=1.0 + i % 3) for i in range(1, 49)]
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.005)
+            ticks += 1
+
+    beat = asyncio.create_task(ticker())
+    choice = await voting.select_async(cands, "weighted")
+    beat.cancel()
+    assert ticks > 0, "the vote ran on the event loop and starved other coroutines"
+    assert choice == voting.select(cands, "weighted")  # same answer as the synchronous rule
+
+
+async def test_select_async_inline_for_a_single_distinct_answer():
+    from service.strategies import voting
+
+    cands = [Candidate.of("The answer is 7.", score=s) for s in (0.2, 0.9)]
+    assert (await voting.select_async(cands, "best")).candidate is cands[1]
+
+
+def test_overlong_answers_compare_as_text():
+    assert answers_equivalent("1" * 300, "1" * 300)
+    assert not answers_equivalent("2" * 300, "2" * 299 + "3")
