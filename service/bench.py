@@ -24,6 +24,7 @@ from .calibrate import (
     add_worker_args,
     bon_configs,
     bon_size,
+    cached_records,
     gateway_settings,
     load_pool,
     run_grid,
@@ -179,6 +180,106 @@ def plot_bins(per_bin: dict[int, dict[str, list[dict[str, Any]]]], path: Path, t
     plt.close(fig)
 
 
+def _ranks(xs: Sequence[float]) -> list[float]:
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    ranks = [0.0] * len(xs)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+            j += 1
+        for t in range(i, j + 1):  # ties share their mean rank
+            ranks[order[t]] = (i + j) / 2
+        i = j + 1
+    return ranks
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
+    import numpy as np
+
+    if len(a) < 3:
+        return None
+    ra, rb = np.array(_ranks(a)), np.array(_ranks(b))
+    if ra.std() == 0 or rb.std() == 0:
+        return None
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def difficulty_vs_levels(ids: Sequence[str], recs: dict[str, Any], table: PolicyTable,
+                         held_out: set[str]) -> dict[str, Any]:
+    """The router's difficulty bins against the levels arith_graded gives (never used in calibration): Spearman's
+    rho of level vs bin (positive = harder levels land in harder bins), and per level the mean bins and the
+    per-sample accuracy of the best-of-N draw (the ground truth of "hard" for this model)."""
+    from .router.difficulty import prompt_bin
+
+    k = int(table.probe["k"])
+    rows = []
+    for i in ids:
+        bon = recs[i]["bon"]
+        if bon.get("level") is None:
+            continue
+        rows.append({"id": i, "level": int(bon["level"]), "probe_bin": table.bin_of(probe_of(bon, k)[0]),
+                     "prompt_bin": prompt_bin(table, bon["question"]), "held_out": i in held_out,
+                     "sample_accuracy": sum(s["correct"] for s in bon["samples"]) / len(bon["samples"])})
+    out: dict[str, Any] = {"problems": len(rows)}
+    if not rows:
+        return out
+    lv = [r["level"] for r in rows]
+    out["rho_level_probe_bin"] = spearman(lv, [r["probe_bin"] for r in rows])
+    out["rho_level_sample_accuracy"] = spearman(lv, [-r["sample_accuracy"] for r in rows])
+    ho = [r for r in rows if r["held_out"]]
+    out["held_out_problems"] = len(ho)
+    out["rho_level_prompt_bin_held_out"] = spearman([r["level"] for r in ho], [r["prompt_bin"] for r in ho])
+    out["levels"] = {}
+    for level in sorted(set(lv)):
+        group = [r for r in rows if r["level"] == level]
+        out["levels"][str(level)] = {
+            "n": len(group), "mean_probe_bin": sum(r["probe_bin"] for r in group) / len(group),
+            "mean_prompt_bin": sum(r["prompt_bin"] for r in group) / len(group),
+            "sample_accuracy": sum(r["sample_accuracy"] for r in group) / len(group)}
+    return out
+
+
+def difficulty_markdown(d: dict[str, Any]) -> str:
+    if not d.get("problems"):
+        return ""
+    fmt = lambda x: "n/a" if x is None else f"{x:+.2f}"  # noqa: E731
+    lines = ["", f"Difficulty bins vs the given levels ({d['problems']} `arith_graded` problems, calibration and "
+             f"held-out; levels never enter calibration): Spearman rho(level, probe bin) = "
+             f"{fmt(d['rho_level_probe_bin'])}, rho(level, prompt-estimator bin) = "
+             f"{fmt(d['rho_level_prompt_bin_held_out'])} on the {d['held_out_problems']} held-out ones, "
+             f"rho(level, sample error rate) = {fmt(d['rho_level_sample_accuracy'])}.", "",
+             "| level | problems | mean probe bin | mean prompt bin | per-sample accuracy % |", "|---|---|---|---|---|"]
+    for level, g in d["levels"].items():
+        lines.append(f"| {level} | {g['n']} | {g['mean_probe_bin']:.2f} | {g['mean_prompt_bin']:.2f} | "
+                     f"{100 * g['sample_accuracy']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def backend_report(backend: str, cal_ids: Sequence[str], cal_recs: dict[str, Any], ids: Sequence[str],
+                   recs: dict[str, Any], budgets_gen: Sequence[int], out: Path, gens_shown: Sequence[int]) -> str:
+    """Best-of-N (weighted, majority) and a best-of-N-only `auto` for another reward backend, from the same draws
+    rescored (no new samples): its own budget unit, difficulty cuts and table, fitted on the calibration problems."""
+    from .router.fit import build_table, choose_estimator, generation_flops, rescore
+
+    cal_b = {i: rescore(cal_recs[i], backend) for i in cal_ids}
+    bench_b = {i: rescore(recs[i], backend) for i in ids}
+    configs = bon_configs(BON_N)
+    gen = generation_flops(cal_b.values())
+    est, k, _ = choose_estimator(cal_ids, cal_b, configs, budgets_gen, gen, backend)
+    table = build_table(cal_ids, cal_b, configs, k, budgets_gen, gen, backend, est)
+    cv = curves(ids, bench_b, configs, table, table.budgets)
+    eff = [efficiency(cv, a) for a in cv if a.startswith("auto")]
+    md = markdown(cv, gens_shown, gen, len(ids), eff, backend + " (best-of-N draws rescored; no step search)")
+    tag = backend.replace("*", "x")
+    (out / f"bench_{tag}.md").write_text(md)
+    (out / f"results_{tag}.json").write_text(json.dumps({"reward_backend": backend, "rescored": True, "curves": cv,
+                                                        "generation_flops": gen, "efficiency": eff,
+                                                        "estimator": est, "probe_k": k}, indent=1) + "\n")
+    plot(cv, out / f"accuracy_vs_flops_{tag}.png", f"{len(ids)} held-out problems, reward {backend} (rescored)")
+    return md
+
+
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("bench", help="fixed strategies vs auto (router) at matched FLOPs on held-out problems")
     p.add_argument("--dataset", action="append", required=True, help="JSONL file (path or path:weight); repeatable")
@@ -187,6 +288,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--out", required=True, help="output directory (results.json, PNGs, bench.md)")
     p.add_argument("--work-dir", default="", help="per-problem results cache (default OUT/work)")
     p.add_argument("--grid", default="full", choices=("full", "lean", "tiny"))
+    p.add_argument("--live-auto", action="store_true",
+                   help="also run `auto` for real (probe, table lookup, strategy) at the shown budgets")
+    p.add_argument("--backends", default="",
+                   help="other reward backends to report from the same best-of-N draws, e.g. arith,prm")
     add_worker_args(p)
     p.set_defaults(func=main)
 
@@ -209,14 +314,25 @@ def main(settings: Any, args: argparse.Namespace) -> int:
     gws = gateway_settings(args.reward, args.policy_port, args.reward_port, args.policy_url, args.reward_url)
     t0 = time.monotonic()
 
+    shown = [g for g in (4, 16, 64) if g in gens] or gens
+    live = [Config("auto", (("budget_generations", g),), g) for g in shown] if args.live_auto else []
     recs = run_grid(gws, Path(args.work_dir or out / "work"), args.reward, args.concurrency,
                     max(bon_size(gens), int(table.probe.get("k", 4))), rows,
-                    [c for c in configs if c.strategy != "best_of_n"], "bench")
+                    [c for c in configs if c.strategy != "best_of_n"] + live, "bench", table=table)
     run_s = time.monotonic() - t0
     ids = [r["id"] for r in rows]
     assert not calibrated & set(ids)
     gen = dict(table.generation_flops)
     cv = curves(ids, recs, configs, table, table.budgets)
+    if live:  # the served code path (real probe, lookup, strategy under the budget), next to the replay
+        cv["auto (live)"] = [{"generations": c.generations, "budget_flops": budget_flops(c.generations, gen),
+                              "accuracy": sum(bool(recs[i][c.key]["correct"]) for i in ids) / len(ids),
+                              "mean_flops": sum(float(recs[i][c.key]["flops"]) for i in ids) / len(ids),
+                              "n": len(ids), "over_budget": sum(float(recs[i][c.key]["flops"]) >
+                                                                budget_flops(c.generations, gen) * 1.0001
+                                                                for i in ids),
+                              "choices": _count(str(recs[i][c.key].get("choice", {}).get("strategy"))
+                                                for i in ids)} for c in live]
     k = int(table.probe["k"])
     per_bin = {}
     bins = {i: table.bin_of(probe_of(recs[i]["bon"], k)[0]) for i in ids}
@@ -225,7 +341,7 @@ def main(settings: Any, args: argparse.Namespace) -> int:
         per_bin[b] = curves(members, recs, configs, table, table.budgets) if members else {}
     autos = [name for name in cv if name.startswith("auto")]
     eff = [efficiency(cv, a) for a in autos]
-    md = markdown(cv, [g for g in (4, 16, 64) if g in gens] or gens, gen, len(ids), eff, args.reward)
+    md = markdown(cv, shown, gen, len(ids), eff, args.reward)
     tag = args.reward.replace("*", "x")
     results = {"reward_backend": args.reward, "table": str(args.table), "table_estimator": table.estimator,
                "problems": len(ids), "problem_ids": ids, "datasets": args.dataset, "seed": args.seed,
@@ -233,8 +349,23 @@ def main(settings: Any, args: argparse.Namespace) -> int:
                "per_bin": {str(b): v for b, v in per_bin.items()},
                "bin_sizes": {str(b): sum(1 for i in ids if bins[i] == b) for b in range(1, N_BINS + 1)},
                "efficiency": eff, "run_seconds": round(run_s)}
+    cal_ids = [i for i in table.calibration.get("problem_ids", [])]
+    cal_recs = cached_records(Path(args.work_dir or out / "work"), args.reward, cal_ids)
+    results["difficulty_vs_levels"] = difficulty_vs_levels(list(cal_recs) + ids, {**cal_recs, **recs}, table,
+                                                           set(ids))
+    md += difficulty_markdown(results["difficulty_vs_levels"])
     (out / f"results_{tag}.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / f"bench_{tag}.md").write_text(md)
+    for backend in [b for b in args.backends.split(",") if b and b != args.reward]:
+        if not cal_recs:
+            print(f"[bench] skipping {backend}: no calibration records in the work dir (pass calibrate's --work-dir)")
+            continue
+        if not all(backend in s.get("last_by", {}) for r in (cal_recs, recs) for i in r
+                   for s in r[i]["bon"]["samples"]):
+            print(f"[bench] skipping {backend}: the recorded draws carry no {backend} scores")
+            continue
+        print(backend_report(backend, list(cal_recs), cal_recs, ids, recs, gens, out,
+                             [g for g in (4, 16, 64) if g in gens] or gens))
     plot(cv, out / f"accuracy_vs_flops_{tag}.png", f"{len(ids)} held-out problems, reward {args.reward}")
     plot_bins(per_bin, out / f"accuracy_by_bin_{tag}.png", f"per difficulty bin (probe k={k}), reward {args.reward}")
     print(md)

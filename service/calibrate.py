@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .router.fit import (BON_N, BUDGET_GENERATIONS, MAX_TOKENS, PROBE_KS, TEMPERATURE, Config, build_table, choose_estimator, config_key, generation_flops)
+from .router.fit import (BON_N, BUDGET_GENERATIONS, MAX_TOKENS, PROBE_KS, TEMPERATURE, Config, budget_flops,
+                         build_table, choose_estimator, config_key, generation_flops)
 
 log = logging.getLogger("ttc.calibrate")
 
@@ -91,8 +92,9 @@ class GridRunner:
     """Runs configs on problems through an in-process Gateway's workers; caches one JSONL line per (problem, key)."""
 
     def __init__(self, gw: Any, work_dir: Path, reward_backend: str, max_tokens: int = MAX_TOKENS,
-                 concurrency: int = 6, bon_n: int = BON_N):
+                 concurrency: int = 6, bon_n: int = BON_N, table: Any = None):
         self.gw = gw
+        self.table = table  # for live `auto` configs (bench)
         self.reward_backend = reward_backend
         self.max_tokens = max_tokens
         self.bon_n = bon_n
@@ -198,12 +200,20 @@ class GridRunner:
                 meter = Meter()
                 policy = MeteredPolicy(self.gw.policy, meter)
                 reward = self.gw.reward_for(meter, "calibration")
-                strategy = build_strategy(cfg.strategy, cfg.params_dict)
+                choice: dict[str, Any] = {}
+                limit = None
+                if cfg.strategy == "auto":  # bench's live router: the served code path, under budget
+                    from .router.auto import AutoStrategy
+
+                    strategy: Any = AutoStrategy(self.table, max_n=64, on_choice=choice.update)
+                    limit = budget_flops(cfg.params_dict["budget_generations"], self.table.generation_flops) - charge
+                else:
+                    strategy = build_strategy(cfg.strategy, cfg.params_dict)
                 problem = Problem(prompt=prompt, question=row["question"], max_tokens=self.max_tokens,
                                   temperature=TEMPERATURE)
                 t0 = time.monotonic()
                 try:
-                    res = await strategy.run(problem, policy, reward, ComputeBudget(None, lambda: meter.total_flops))
+                    res = await strategy.run(problem, policy, reward, ComputeBudget(limit, lambda: meter.total_flops))
                 except Exception as exc:  # one failed run must not sink the calibration; it is recorded as wrong
                     log.warning("%s on %s failed: %r", cfg.key, pid, exc)
                     self._write({**base, "key": cfg.key, "error": repr(exc), "correct": False,
@@ -214,7 +224,8 @@ class GridRunner:
                              "correct": answers_equivalent(res.answer, gold),
                              "flops": meter.total_flops + charge, "policy_flops": meter.policy.flops,
                              "reward_flops": meter.reward.flops, "samples": res.samples,
-                             "exhausted": res.budget_exhausted, "seconds": time.monotonic() - t0})
+                             "exhausted": res.budget_exhausted, "seconds": time.monotonic() - t0,
+                             **({"choice": choice} if choice else {})})
 
             await asyncio.gather(*([bon()] if need_bon else []), *(one(c) for c in todo))
 
@@ -284,7 +295,7 @@ async def with_gateway(settings: Any, fn: Any) -> Any:
 
 
 def run_grid(gws: Any, work_dir: Path, reward: str, concurrency: int, bon_n: int, rows: Sequence[dict[str, Any]],
-             configs: Sequence[Config], label: str) -> dict[str, dict[str, dict[str, Any]]]:
+             configs: Sequence[Config], label: str, table: Any = None) -> dict[str, dict[str, dict[str, Any]]]:
     """Run what is not cached yet (starting or reaching the workers only then); all records of `rows`."""
     offline = GridRunner(None, work_dir, reward, bon_n=bon_n)
     offline.close()
@@ -293,7 +304,7 @@ def run_grid(gws: Any, work_dir: Path, reward: str, concurrency: int, bon_n: int
         return offline.records(rows)
 
     async def work(gw: Any) -> dict[str, dict[str, dict[str, Any]]]:
-        runner = GridRunner(gw, work_dir, reward, concurrency=concurrency, bon_n=bon_n)
+        runner = GridRunner(gw, work_dir, reward, concurrency=concurrency, bon_n=bon_n, table=table)
         try:
             await runner.run(rows, configs, label)
         finally:
@@ -301,6 +312,14 @@ def run_grid(gws: Any, work_dir: Path, reward: str, concurrency: int, bon_n: int
         return runner.records(rows)
 
     return asyncio.run(with_gateway(gws, work))
+
+
+def cached_records(work_dir: Path, reward: str, ids: Sequence[str]) -> dict[str, dict[str, dict[str, Any]]]:
+    """The recorded runs of these problems (no workers); problems without a best-of-N draw are left out."""
+    offline = GridRunner(None, work_dir, reward)
+    offline.close()
+    recs = offline.records([{"id": i} for i in ids])
+    return {i: r for i, r in recs.items() if "bon" in r}
 
 
 def model_info(settings: Any) -> dict[str, Any]:

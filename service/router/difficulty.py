@@ -19,7 +19,7 @@ from ..strategies.base import Completion, ComputeBudget, Policy, Problem, Reward
 from ..strategies.calls import BudgetedCalls, build_result, empty_result
 from ..strategies.params import DEFAULT_STEP_DELIMITER
 from ..strategies.steps import split_steps
-from ..strategies.voting import Candidate, aggregate_scores, select
+from ..strategies.voting import Candidate, aggregate_scores, select_async
 from .table import PolicyTable
 
 
@@ -97,7 +97,7 @@ async def best_of_n_with_probe(problem: Problem, policy: Policy, reward: Reward 
         else:
             for cand, row in zip(candidates, list(prior_scores) + list(new_scores)):
                 cand.score = aggregate_scores(row, aggregation)  # type: ignore[arg-type]
-    choice = select(candidates, selection_used)  # type: ignore[arg-type]
+    choice = await select_async(candidates, selection_used)  # type: ignore[arg-type]
     return build_result(calls, choice, selection, DEFAULT_STEP_DELIMITER, len(candidates),
                         selection_used=selection_used, n_used=len(candidates), reused_probe_samples=len(prior))
 

@@ -49,7 +49,8 @@ def test_calibrate_then_bench_on_disjoint_problems(gateway, tmp_path):
 
     out = tmp_path / "bench"
     assert _run(["bench", "--dataset", dataset, "--limit", "4", "--table", str(table_path), "--out", str(out),
-                 "--grid", "tiny", *workers]) == 0
+                 "--grid", "tiny", "--work-dir", str(tmp_path / "work"), "--live-auto", "--backends", "arith,prm",
+                 *workers]) == 0
     results = json.loads((out / "results_prmxarith.json").read_text())
     assert results["problems"] == 4
     assert not set(results["problem_ids"]) & set(table.calibration["problem_ids"])
@@ -60,3 +61,14 @@ def test_calibrate_then_bench_on_disjoint_problems(gateway, tmp_path):
     for png in ("accuracy_vs_flops_prmxarith.png", "accuracy_by_bin_prmxarith.png"):
         assert (out / png).stat().st_size > 1000
     assert "| strategy |" in (out / "bench_prmxarith.md").read_text()
+    # `auto` run for real through the served code path, never over its budget (the enforce-mode promise).
+    live = results["curves"]["auto (live)"]
+    assert [p["generations"] for p in live] == [1, 2]
+    assert all(p["over_budget"] == 0 and p["mean_flops"] <= p["budget_flops"] for p in live)
+    # The same draws reported for the other backends, and the bins checked against arith_graded's levels.
+    for tag in ("arith", "prm"):
+        other = json.loads((out / f"results_{tag}.json").read_text())
+        assert other["rescored"] and "best_of_n selection=weighted" in other["curves"]
+    assert json.loads((out / "results_arith.json").read_text())["generation_flops"]["reward"] == 0.0
+    levels = results["difficulty_vs_levels"]
+    assert levels["problems"] == 8 and set(levels["levels"]) <= {"1", "2", "3", "4", "5"}
