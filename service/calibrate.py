@@ -227,7 +227,11 @@ class GridRunner:
                              "exhausted": res.budget_exhausted, "seconds": time.monotonic() - t0,
                              **({"choice": choice} if choice else {})})
 
-            await asyncio.gather(*([bon()] if need_bon else []), *(one(c) for c in todo))
+            outcomes = await asyncio.gather(*([bon()] if need_bon else []), *(one(c) for c in todo),
+                                            return_exceptions=True)
+            for exc in outcomes:  # e.g. a worker that died and is restarting: not recorded, so a rerun retries
+                if isinstance(exc, Exception):
+                    log.warning("problem %s: %r (not recorded; rerun to retry)", pid, exc)
 
     async def run(self, rows: Sequence[dict[str, Any]], configs: Sequence[Config], label: str = "grid",
                   every: int = 4) -> None:
