@@ -256,6 +256,22 @@ def difficulty_markdown(d: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def revisions_harm(recs: dict[str, Any]) -> dict[str, Any]:
+    """How often a revision turned a correct answer wrong (Snell et al. report ~38% for their revision model), over
+    every recorded revisions run that kept its chains of answers."""
+    from .strategies.revisions import count_correct_to_wrong
+
+    c2w = w2c = from_correct = total = runs = 0
+    for rec in recs.values():
+        for key, run in rec.items():
+            if key.startswith("revisions:") and run.get("chains"):
+                t = count_correct_to_wrong(run["chains"], run["gold"])
+                c2w, w2c = c2w + t.correct_to_wrong, w2c + t.wrong_to_correct
+                from_correct, total, runs = from_correct + t.from_correct, total + t.revisions, runs + 1
+    return {"runs": runs, "revisions": total, "from_correct": from_correct, "correct_to_wrong": c2w,
+            "wrong_to_correct": w2c, "correct_to_wrong_rate": c2w / from_correct if from_correct else None}
+
+
 def backend_report(backend: str, cal_ids: Sequence[str], cal_recs: dict[str, Any], ids: Sequence[str],
                    recs: dict[str, Any], budgets_gen: Sequence[int], out: Path, gens_shown: Sequence[int]) -> str:
     """Best-of-N (weighted, majority) and a best-of-N-only `auto` for another reward backend, from the same draws
@@ -354,6 +370,13 @@ def main(settings: Any, args: argparse.Namespace) -> int:
     results["difficulty_vs_levels"] = difficulty_vs_levels(list(cal_recs) + ids, {**cal_recs, **recs}, table,
                                                            set(ids))
     md += difficulty_markdown(results["difficulty_vs_levels"])
+    harm = results["revisions_harm"] = revisions_harm({**cal_recs, **recs})
+    if harm["revisions"]:
+        rate = harm["correct_to_wrong_rate"]
+        md += (f"\nRevisions ({harm['runs']} runs, {harm['revisions']} revisions): {harm['from_correct']} revised a "
+               f"correct answer, {harm['correct_to_wrong']} of them made it wrong"
+               + (f" ({100 * rate:.0f}%)" if rate is not None else "")
+               + f"; {harm['wrong_to_correct']} turned a wrong answer right.\n")
     (out / f"results_{tag}.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / f"bench_{tag}.md").write_text(md)
     for backend in [b for b in args.backends.split(",") if b and b != args.reward]:

@@ -225,7 +225,9 @@ class GridRunner:
                              "flops": meter.total_flops + charge, "policy_flops": meter.policy.flops,
                              "reward_flops": meter.reward.flops, "samples": res.samples,
                              "exhausted": res.budget_exhausted, "seconds": time.monotonic() - t0,
-                             **({"choice": choice} if choice else {})})
+                             **({"choice": choice} if choice else {}),
+                             # revisions: the answer of every attempt per chain (bench counts correct -> wrong)
+                             **({"chains": res.details["chains"]} if "chains" in (res.details or {}) else {})})
 
             outcomes = await asyncio.gather(*([bon()] if need_bon else []), *(one(c) for c in todo),
                                             return_exceptions=True)
