@@ -89,8 +89,8 @@ class Gateway:
         s = self.settings
         model = reward_model(s)
         if s.reward.format != "head":
-            fmt = StepTagFormat.named(s.reward.format, s.reward.step_tag, s.reward.step_tag_id, s.reward.good_index)
-            return StepTagPRMClient(pool, load_shape(model, s.reward.config_path), fmt, cache=self.cache,
+            return StepTagPRMClient(pool, load_shape(model, s.reward.config_path),
+                                    StepTagFormat.from_settings(s.reward), cache=self.cache,
                                     cache_ttl_s=s.cache_prm_ttl_s, max_model_len=s.reward.max_model_len)
         head = PRMHead.load(s.prm_head_path or DEFAULT_PRM_HEAD)
         tokenizer = PRMTokenizer.from_model_dir(model, system=head.metadata.get("system"), delimiter=head.delimiter)
@@ -115,7 +115,7 @@ class Gateway:
                                   extra_args=pool_settings.extra_args)
                 if role == "reward" and isinstance(pool_settings, RewardPoolSettings) \
                         and pool_settings.format != "head":
-                    fmt = StepTagFormat.named(pool_settings.format, pool_settings.step_tag, pool_settings.step_tag_id)
+                    fmt = StepTagFormat.from_settings(pool_settings)
                     spec.pooling_args = step_pooling_args(fmt.name, fmt.step_tag_id or 0)
                 self.supervisor.add(ManagedWorker(spec, ep, s.models_dir.parent / "logs", s.vllm_cpu_threads,
                                                   s.worker_start_timeout_s, s.worker_restart), pool)

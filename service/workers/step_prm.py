@@ -55,6 +55,11 @@ class StepTagFormat:
                        0 if good_index is None else good_index)
         raise ValueError(f"unknown step-tag PRM format {name!r}")
 
+    @classmethod
+    def from_settings(cls, reward: Any) -> "StepTagFormat":
+        """From the reward pool's settings (format, step_tag, step_tag_id, good_index)."""
+        return cls.named(reward.format, reward.step_tag, reward.step_tag_id, reward.good_index)
+
     def clean(self, step: str) -> str:
         """A step as the PRM reads it: without the tag text (a model that writes the tag must not fake a step) and
         without the trailing whitespace the tag replaces."""
