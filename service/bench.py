@@ -30,6 +30,7 @@ from .calibrate import (
     run_grid,
 )
 from .router.fit import BON_N, Config, budget_flops, config_key, outcomes, probe_of, route
+from .bench_checks import difficulty_markdown, difficulty_vs_levels, revisions_harm
 from .router.table import N_BINS, PolicyTable, load
 
 
@@ -65,6 +66,20 @@ def curves(ids: Sequence[str], recs: dict[str, Any], configs: Sequence[Config], 
     for pts in out.values():
         pts.sort(key=lambda p: p["mean_flops"])
     return out
+
+
+def live_curve(ids: Sequence[str], recs: dict[str, Any], live: Sequence[Config],
+               gen: dict[str, float]) -> list[dict[str, Any]]:
+    pts = []
+    for c in live:
+        runs = [recs[i][c.key] for i in ids]
+        cap = budget_flops(c.generations, gen) * 1.0001
+        pts.append({"generations": c.generations, "budget_flops": budget_flops(c.generations, gen),
+                    "accuracy": sum(bool(r["correct"]) for r in runs) / len(runs),
+                    "mean_flops": sum(float(r["flops"]) for r in runs) / len(runs), "n": len(runs),
+                    "over_budget": sum(float(r["flops"]) > cap for r in runs),
+                    "choices": _count(str(r.get("choice", {}).get("strategy")) for r in runs)})
+    return pts
 
 
 def _count(xs: Any) -> dict[str, int]:
@@ -180,98 +195,6 @@ def plot_bins(per_bin: dict[int, dict[str, list[dict[str, Any]]]], path: Path, t
     plt.close(fig)
 
 
-def _ranks(xs: Sequence[float]) -> list[float]:
-    order = sorted(range(len(xs)), key=lambda i: xs[i])
-    ranks = [0.0] * len(xs)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
-            j += 1
-        for t in range(i, j + 1):  # ties share their mean rank
-            ranks[order[t]] = (i + j) / 2
-        i = j + 1
-    return ranks
-
-
-def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
-    import numpy as np
-
-    if len(a) < 3:
-        return None
-    ra, rb = np.array(_ranks(a)), np.array(_ranks(b))
-    if ra.std() == 0 or rb.std() == 0:
-        return None
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
-def difficulty_vs_levels(ids: Sequence[str], recs: dict[str, Any], table: PolicyTable,
-                         held_out: set[str]) -> dict[str, Any]:
-    """The router's difficulty bins against the levels arith_graded gives (never used in calibration): Spearman's
-    rho of level vs bin (positive = harder levels land in harder bins), and per level the mean bins and the
-    per-sample accuracy of the best-of-N draw (the ground truth of "hard" for this model)."""
-    from .router.difficulty import prompt_bin
-
-    k = int(table.probe["k"])
-    rows = []
-    for i in ids:
-        bon = recs[i]["bon"]
-        if bon.get("level") is None:
-            continue
-        rows.append({"id": i, "level": int(bon["level"]), "probe_bin": table.bin_of(probe_of(bon, k)[0]),
-                     "prompt_bin": prompt_bin(table, bon["question"]), "held_out": i in held_out,
-                     "sample_accuracy": sum(s["correct"] for s in bon["samples"]) / len(bon["samples"])})
-    out: dict[str, Any] = {"problems": len(rows)}
-    if not rows:
-        return out
-    lv = [r["level"] for r in rows]
-    out["rho_level_probe_bin"] = spearman(lv, [r["probe_bin"] for r in rows])
-    out["rho_level_sample_accuracy"] = spearman(lv, [-r["sample_accuracy"] for r in rows])
-    ho = [r for r in rows if r["held_out"]]
-    out["held_out_problems"] = len(ho)
-    out["rho_level_prompt_bin_held_out"] = spearman([r["level"] for r in ho], [r["prompt_bin"] for r in ho])
-    out["levels"] = {}
-    for level in sorted(set(lv)):
-        group = [r for r in rows if r["level"] == level]
-        out["levels"][str(level)] = {
-            "n": len(group), "mean_probe_bin": sum(r["probe_bin"] for r in group) / len(group),
-            "mean_prompt_bin": sum(r["prompt_bin"] for r in group) / len(group),
-            "sample_accuracy": sum(r["sample_accuracy"] for r in group) / len(group)}
-    return out
-
-
-def difficulty_markdown(d: dict[str, Any]) -> str:
-    if not d.get("problems"):
-        return ""
-    fmt = lambda x: "n/a" if x is None else f"{x:+.2f}"  # noqa: E731
-    lines = ["", f"Difficulty bins vs the given levels ({d['problems']} `arith_graded` problems, calibration and "
-             f"held-out; levels never enter calibration): Spearman rho(level, probe bin) = "
-             f"{fmt(d['rho_level_probe_bin'])}, rho(level, prompt-estimator bin) = "
-             f"{fmt(d['rho_level_prompt_bin_held_out'])} on the {d['held_out_problems']} held-out ones, "
-             f"rho(level, sample error rate) = {fmt(d['rho_level_sample_accuracy'])}.", "",
-             "| level | problems | mean probe bin | mean prompt bin | per-sample accuracy % |", "|---|---|---|---|---|"]
-    for level, g in d["levels"].items():
-        lines.append(f"| {level} | {g['n']} | {g['mean_probe_bin']:.2f} | {g['mean_prompt_bin']:.2f} | "
-                     f"{100 * g['sample_accuracy']:.1f} |")
-    return "\n".join(lines) + "\n"
-
-
-def revisions_harm(recs: dict[str, Any]) -> dict[str, Any]:
-    """How often a revision turned a correct answer wrong (Snell et al. report ~38% for their revision model), over
-    every recorded revisions run that kept its chains of answers."""
-    from .strategies.revisions import count_correct_to_wrong
-
-    c2w = w2c = from_correct = total = runs = 0
-    for rec in recs.values():
-        for key, run in rec.items():
-            if key.startswith("revisions:") and run.get("chains"):
-                t = count_correct_to_wrong(run["chains"], run["gold"])
-                c2w, w2c = c2w + t.correct_to_wrong, w2c + t.wrong_to_correct
-                from_correct, total, runs = from_correct + t.from_correct, total + t.revisions, runs + 1
-    return {"runs": runs, "revisions": total, "from_correct": from_correct, "correct_to_wrong": c2w,
-            "wrong_to_correct": w2c, "correct_to_wrong_rate": c2w / from_correct if from_correct else None}
-
-
 def backend_report(backend: str, cal_ids: Sequence[str], cal_recs: dict[str, Any], ids: Sequence[str],
                    recs: dict[str, Any], budgets_gen: Sequence[int], out: Path, gens_shown: Sequence[int]) -> str:
     """Best-of-N (weighted, majority) and a best-of-N-only `auto` for another reward backend, from the same draws
@@ -341,14 +264,7 @@ def main(settings: Any, args: argparse.Namespace) -> int:
     gen = dict(table.generation_flops)
     cv = curves(ids, recs, configs, table, table.budgets)
     if live:  # the served code path (real probe, lookup, strategy under the budget), next to the replay
-        cv["auto (live)"] = [{"generations": c.generations, "budget_flops": budget_flops(c.generations, gen),
-                              "accuracy": sum(bool(recs[i][c.key]["correct"]) for i in ids) / len(ids),
-                              "mean_flops": sum(float(recs[i][c.key]["flops"]) for i in ids) / len(ids),
-                              "n": len(ids), "over_budget": sum(float(recs[i][c.key]["flops"]) >
-                                                                budget_flops(c.generations, gen) * 1.0001
-                                                                for i in ids),
-                              "choices": _count(str(recs[i][c.key].get("choice", {}).get("strategy"))
-                                                for i in ids)} for c in live]
+        cv["auto (live)"] = live_curve(ids, recs, live, gen)
     k = int(table.probe["k"])
     per_bin = {}
     bins = {i: table.bin_of(probe_of(recs[i]["bon"], k)[0]) for i in ids}
@@ -358,11 +274,23 @@ def main(settings: Any, args: argparse.Namespace) -> int:
     autos = [name for name in cv if name.startswith("auto")]
     eff = [efficiency(cv, a) for a in autos]
     md = markdown(cv, shown, gen, len(ids), eff, args.reward)
+    # The same comparison per kind of problem: arith_graded (levels given) and the word-problem splits.
+    per_source = {}
+    for label, members in (("arith_graded", [i for i in ids if recs[i]["bon"].get("source") == "arith_graded"]),
+                           ("word problems", [i for i in ids if recs[i]["bon"].get("source") != "arith_graded"])):
+        if not members:
+            continue
+        cv_s = curves(members, recs, configs, table, table.budgets)
+        if live:
+            cv_s["auto (live)"] = live_curve(members, recs, live, gen)
+        per_source[label] = cv_s
+        md += "\n" + markdown(cv_s, shown, gen, len(members), [efficiency(cv_s, a) for a in cv_s
+                                                                if a.startswith("auto")], f"{args.reward}, {label}")
     tag = args.reward.replace("*", "x")
     results = {"reward_backend": args.reward, "table": str(args.table), "table_estimator": table.estimator,
                "problems": len(ids), "problem_ids": ids, "datasets": args.dataset, "seed": args.seed,
                "generation_flops": gen, "budgets": table.budgets, "curves": cv,
-               "per_bin": {str(b): v for b, v in per_bin.items()},
+               "per_bin": {str(b): v for b, v in per_bin.items()}, "per_source": per_source,
                "bin_sizes": {str(b): sum(1 for i in ids if bins[i] == b) for b in range(1, N_BINS + 1)},
                "efficiency": eff, "run_seconds": round(run_s)}
     cal_ids = [i for i in table.calibration.get("problem_ids", [])]

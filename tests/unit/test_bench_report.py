@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.bench import _ranks, revisions_harm, spearman
+from service.bench_checks import _ranks, revisions_harm, spearman
 from service.router.fit import bon_outcome, rescore
 
 
