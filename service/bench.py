@@ -25,6 +25,7 @@ from .calibrate import (
     bon_configs,
     bon_size,
     cached_records,
+    complete_ids,
     gateway_settings,
     load_pool,
     run_grid,
@@ -259,7 +260,7 @@ def main(settings: Any, args: argparse.Namespace) -> int:
                     max(bon_size(gens), int(table.probe.get("k", 4))), rows,
                     [c for c in configs if c.strategy != "best_of_n"] + live, "bench", table=table)
     run_s = time.monotonic() - t0
-    ids = [r["id"] for r in rows]
+    ids = complete_ids(rows, recs, "bench")
     assert not calibrated & set(ids)
     gen = dict(table.generation_flops)
     cv = curves(ids, recs, configs, table, table.budgets)

@@ -328,6 +328,19 @@ def cached_records(work_dir: Path, reward: str, ids: Sequence[str]) -> dict[str,
     return {i: r for i, r in recs.items() if "bon" in r}
 
 
+def complete_ids(rows: Sequence[dict[str, Any]], recs: dict[str, dict[str, Any]], label: str) -> list[str]:
+    """The problems whose runs are all recorded; the others are named and left for a rerun (which resumes)."""
+    ids = [r["id"] for r in rows if "bon" in recs.get(r["id"], {})]
+    missing = [r["id"] for r in rows if "bon" not in recs.get(r["id"], {})]
+    if missing:
+        print(f"[{label}] {len(missing)} of {len(rows)} problems have no complete run and are left out (rerun the "
+              f"same command to finish them): {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}",
+              flush=True)
+    if not ids:
+        raise SystemExit(f"[{label}] no problem has a complete run yet; rerun the command")
+    return ids
+
+
 def model_info(settings: Any) -> dict[str, Any]:
     import hashlib
 
@@ -382,7 +395,7 @@ def main(settings: Any, args: argparse.Namespace) -> int:
     recs = run_grid(gws, Path(args.work_dir), args.reward, args.concurrency, bon_size(budgets), rows,
                     [c for c in configs if c.strategy != "best_of_n"], "calibrate")
     run_s = time.monotonic() - t0
-    ids = [r["id"] for r in rows]
+    ids = complete_ids(rows, recs, "calibrate")
     gen = generation_flops(recs[i] for i in ids)
     est, k, report = choose_estimator(ids, recs, configs, budgets, gen, args.reward)
     table = build_table(ids, recs, configs, k, budgets, gen, args.reward, est)

@@ -14,7 +14,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
     from .api.app import create_app
-    from .api.server import DrainingServer
+    from .api.server import DrainingServer, header_timeout_protocol
     from .gateway import Gateway
     from .models.prepare import BUNDLED, prepare
 
@@ -32,7 +32,9 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     gateway = Gateway(settings)
     config = uvicorn.Config(create_app(settings, gateway), host=settings.host, port=settings.port,
                             log_level=settings.log_level, access_log=args.access_log,
-                            timeout_graceful_shutdown=int(settings.drain_timeout_s))
+                            timeout_graceful_shutdown=int(settings.drain_timeout_s),
+                            timeout_keep_alive=settings.keep_alive_s,
+                            http=header_timeout_protocol(settings.header_timeout_s, settings.max_header_bytes))
     DrainingServer(config, gateway, settings.drain_timeout_s).run()
     return 0
 
@@ -55,7 +57,8 @@ def _serve_multiprocess(settings: Settings, args: argparse.Namespace) -> int:
     prepare_multiproc_dir(os.environ["PROMETHEUS_MULTIPROC_DIR"])  # before any worker writes: no stale files
     uvicorn.run("service.api.app:app_from_env", factory=True, host=settings.host, port=settings.port,
                 workers=settings.workers, log_level=settings.log_level, access_log=args.access_log,
-                timeout_graceful_shutdown=int(settings.drain_timeout_s))
+                timeout_graceful_shutdown=int(settings.drain_timeout_s), timeout_keep_alive=settings.keep_alive_s,
+                http="service.api.server:HeaderTimeoutProtocol")
     return 0
 
 

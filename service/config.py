@@ -69,6 +69,9 @@ class KeyPolicy(BaseModel):
     # Cumulative FLOPs this key may spend per window, enforced atomically (Redis when configured).
     flops_quota: float | None = None
     quota_window_s: int = 3600
+    # While Redis does not answer: refuse this key's requests (fail_closed) or count them on a local ledger
+    # replayed into Redis later (fail_open). None: the server's TTC_QUOTA_ON_REDIS_FAILURE.
+    quota_on_redis_failure: Literal["fail_closed", "fail_open"] | None = None
 
 
 class PolicyPoolSettings(WorkerPoolSettings):
@@ -130,6 +133,9 @@ class Settings(BaseSettings):
     # At the deadline: "best" returns the best answer found so far (search) or 504 when there is none; "error" 504s.
     deadline_action: Literal["best", "error"] = "best"
     key_policies: dict[str, KeyPolicy] = Field(default_factory=dict)
+    # Quotas while Redis does not answer: "fail_closed" refuses requests of keys with a quota (503, no overspend
+    # possible); "fail_open" admits them against a local ledger that is replayed into Redis when it is back.
+    quota_on_redis_failure: Literal["fail_closed", "fail_open"] = "fail_closed"
 
     # Limits
     # Requests running at once (searches and pass-through alike) and requests allowed to wait for a slot.
@@ -143,6 +149,11 @@ class Settings(BaseSettings):
     max_tokens_cap: int = 4096
     default_max_tokens: int = 512
     request_timeout_s: float = 600.0
+    # Front door: request headers must arrive within this (slowloris), up to this size; idle keep-alive connections
+    # are closed after keep_alive_s.
+    header_timeout_s: float = 10.0
+    max_header_bytes: int = 65536
+    keep_alive_s: int = 5
     upstream_connect_timeout_s: float = 2.0
     retry_after_s: int = 5
 

@@ -65,7 +65,7 @@ class Gateway:
             max_connections=settings.redis_max_connections, memory_max_entries=settings.cache_memory_max_entries,
             memory_max_bytes=settings.cache_memory_max_bytes, on_event=self.metrics.cache_event)
         self.response_cache = ResponseCache(self.cache, settings.cache_response_ttl_s)
-        self.quota = FlopsQuota(self.cache)
+        self.quota = FlopsQuota(self.cache, settings.quota_on_redis_failure)
         self.sample_store = SampleStore(self.cache, settings.cache_max_samples)
         self._background: set[asyncio.Task] = set()
         self.admission = Admission(settings.max_concurrency, settings.max_queue, settings.queue_timeout_s,

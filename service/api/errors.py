@@ -47,9 +47,8 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
 
 
 def error_response(err: APIError, request_id: str | None = None) -> Response:
+    # X-Request-Id is added to every response by the front door (once).
     headers = dict(err.headers)
-    if request_id:
-        headers["X-Request-Id"] = request_id
     return Response(orjson.dumps(err.body()), status_code=err.status, media_type="application/json",
                     headers=headers)
 

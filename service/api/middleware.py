@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import time
 import uuid
 from typing import Any, Awaitable, Callable
 
@@ -34,10 +35,12 @@ class FrontDoor:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        arrived = time.monotonic()  # deadlines count from here, not from when the handler starts
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         request_id = _clean_request_id(headers.get("x-request-id")) or f"req-{uuid.uuid4().hex}"
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
+        state["arrived"] = arrived
 
         async def send_with_id(message: dict) -> None:
             if message["type"] == "http.response.start":
@@ -51,6 +54,8 @@ class FrontDoor:
             return
         state["tenant"] = tenant[0]
         state["key_hash"] = tenant[1]
+        # Probes stay open, but what they reveal beyond up/down is for holders of a key (or when there are none).
+        state["privileged"] = not self.key_hashes or bool(tenant[1] or self._valid_key(headers))
 
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
@@ -88,14 +93,17 @@ class FrontDoor:
             return ("anonymous", "")
         if path in OPEN_PATHS or (path == "/metrics" and not self.protect_metrics):
             return ("anonymous", "")
+        digest = self._valid_key(headers)
+        return (digest[:16], digest) if digest else None
+
+    def _valid_key(self, headers: dict[str, str]) -> str:
+        """The digest of a valid bearer key, or ''."""
         auth = headers.get("authorization", "")
         if not auth.lower().startswith("bearer "):
-            return None
+            return ""
         digest = hash_key(auth[7:].strip())
         # Constant-time comparison against each stored digest.
-        if any(hmac.compare_digest(digest, h) for h in self.key_hashes):
-            return (digest[:16], digest)
-        return None
+        return digest if any(hmac.compare_digest(digest, h) for h in self.key_hashes) else ""
 
     def _limited(self, receive: Callable) -> Callable:
         seen = 0

@@ -27,6 +27,7 @@ def _context(request: Request, route: str) -> RequestContext:
         tenant=getattr(request.state, "tenant", "anonymous"),
         key_hash=getattr(request.state, "key_hash", ""),
         headers={k.lower(): v for k, v in request.headers.items()},
+        started=getattr(request.state, "arrived", None) or time.monotonic(),
     )
 
 
@@ -56,8 +57,10 @@ async def health() -> Response:
 @router.get("/ready")
 async def ready(request: Request) -> Response:
     gw = request.app.state.gateway
-    body = {"ready": gw.ready, "draining": gw.draining, "pools": {p.name: p.status() for p in gw.pools},
-            "pid": os.getpid(), "time": time.time()}
+    body: dict = {"ready": gw.ready, "draining": gw.draining}
+    if getattr(request.state, "privileged", True):
+        # Worker URLs, pids and errors: for operators (a key, or a gateway without keys), not for anyone.
+        body.update(pools={p.name: p.status() for p in gw.pools}, pid=os.getpid(), time=time.time())
     if gw.ready:
         return _json(body)
     return _json(body, 503, {"Retry-After": str(gw.settings.retry_after_s)})

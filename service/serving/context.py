@@ -30,8 +30,8 @@ class RequestContext:
     # time.monotonic() by which the request must be answered (X-TTC-Deadline-Ms), if any.
     deadline: float | None = None
     budget_exhausted: bool = False
-    # FLOPs reserved against the API key's quota, to settle when the request ends.
-    quota_reserved: float = 0.0
+    # Exact prompt tokens of a plain request, one per prompt (counted when a budget or a batch needs them).
+    prompt_tokens: list[int] | None = None
 
     def mark_first_token(self) -> None:
         if self.first_token_s is None:

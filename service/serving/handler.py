@@ -7,22 +7,29 @@ import asyncio
 import time
 from typing import Awaitable, Callable
 
-from starlette.background import BackgroundTask
 from starlette.responses import Response, StreamingResponse
 
 from ..api.errors import APIError, unavailable
 from ..api.protocol import ChatCompletionRequest, CompletionRequest
+from ..budget import BudgetError, PlainRequestCost, check_sequences, completion_prompt_tokens, effective_budget, \
+    prompt_count
+from ..config import KeyPolicy
 from ..gateway import Gateway
 from ..workers.pool import WorkerError, WorkerUnavailable
 from . import passthrough, search
 from .context import RequestContext
-from .observe import record_request
+from .lifecycle import RequestLifecycle
 from ..router.auto import AutoStrategy
 from .options import AUTO, TTCOptions, make_strategy, parse_options
-from .quota import QuotaExceeded
+from .passthrough import upstream_payload
+from .quota import QuotaExceeded, QuotaUnavailable
 
 Request = ChatCompletionRequest | CompletionRequest
 DISCONNECT_POLL_S = 0.25
+
+
+def _invalid(err: BudgetError) -> APIError:
+    return APIError(400, err.message, param=err.param, code=err.code)
 
 
 def check_limits(gw: Gateway, req: Request, max_n: int) -> int:
@@ -31,8 +38,11 @@ def check_limits(gw: Gateway, req: Request, max_n: int) -> int:
     if req.model != gw.policy.model:
         raise APIError(404, f"The model '{req.model}' does not exist; available: {gw.policy.model}",
                        param="model", code="model_not_found")
-    if req.n > max_n:
-        raise APIError(400, f"n must be at most {max_n}", param="n", code="invalid_value")
+    prompts = prompt_count(req.prompt) if isinstance(req, CompletionRequest) else 1
+    try:
+        check_sequences(prompts, req.n, max_n)
+    except BudgetError as err:
+        raise _invalid(err)
     requested = req.requested_max_tokens()
     max_tokens = requested if requested is not None else s.default_max_tokens
     if max_tokens > s.max_tokens_cap:
@@ -41,37 +51,11 @@ def check_limits(gw: Gateway, req: Request, max_n: int) -> int:
     return max_tokens
 
 
-def prompt_chars(req: Request) -> int:
+async def prompt_tokens(gw: Gateway, req: Request, max_tokens: int) -> list[int]:
+    """Exact prompt tokens of a plain request, one count per prompt, from the policy worker's tokenizer."""
     if isinstance(req, ChatCompletionRequest):
-        return sum(len(m.text()) + 16 for m in req.messages)  # + template tokens per message
-    prompts = req.prompt if isinstance(req.prompt, list) else [req.prompt]
-    return sum(len(p) if isinstance(p, str) else 3 * len(p) if isinstance(p, list) else 3 for p in prompts)
-
-
-def effective_budget(gw: Gateway, opts: TTCOptions) -> float | None:
-    """The FLOPs limit a request runs under: its FLOPs budget and its token budget at the policy's per-token cost."""
-    limits = [opts.budget_flops] if opts.budget_flops is not None else []
-    if opts.budget_tokens is not None:
-        shape = gw.policy.shape
-        limits.append(opts.budget_tokens * (2.0 * shape.non_embedding_params + shape.logits_flops(1)))
-    return min(limits) if limits else None
-
-
-def passthrough_max_tokens(gw: Gateway, req: Request, max_tokens: int, budget: float | None) -> int:
-    """Under an enforced budget a plain request may generate only what the budget pays for (finish_reason length)."""
-    if budget is None:
-        return max_tokens
-    shape = gw.policy.shape
-    prompt = int(prompt_chars(req) / gw.policy.chars_per_token) + 1
-    fits = lambda k: shape.generation_flops(prompt, 0, [k] * req.n) <= budget  # noqa: E731
-    if not fits(1):
-        raise APIError(400, f"The FLOPs budget {budget:.3e} cannot pay for even one token of this request",
-                       param="X-TTC-Budget-FLOPs", code="budget_exceeded")
-    lo, hi = 1, max_tokens
-    while lo < hi:  # largest k that fits
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
-    return lo
+        return [await gw.policy.count_chat_tokens(upstream_payload(req, gw.policy.model, max_tokens))]
+    return await completion_prompt_tokens(req.prompt, gw.policy.count_tokens)
 
 
 async def watch(work: Awaitable[Response], ctx: RequestContext,
@@ -105,77 +89,82 @@ class ClientGone(Exception):
 async def handle(gw: Gateway, ctx: RequestContext, req: Request,
                  is_disconnected: Callable[[], Awaitable[bool]] | None = None) -> Response:
     ctx.model = req.model if req.model == gw.policy.model else "unknown"
-    released = False
-
-    def release() -> None:
-        nonlocal released
-        if not released:
-            released = True
-            gw.admission.release()
-
-    def finish(c: RequestContext, status: int, disconnected: bool) -> None:
-        record_request(gw.metrics, c, status, disconnected=disconnected)
-        if c.quota_reserved:
-            unused, c.quota_reserved = c.quota_reserved - c.meter.total_flops, 0.0
-            gw.spawn(gw.quota.refund(c.key_hash, unused))
-        release()
-
+    life = RequestLifecycle(ctx, gw.metrics, gw.admission, gw.quota)
+    response: Response | None = None
     try:
         if gw.draining:
             raise unavailable("The gateway is shutting down", gw.settings.retry_after_s)
         await gw.admission.acquire()
-    except APIError as err:
-        released = True  # nothing was acquired
-        record_request(gw.metrics, ctx, err.status)
-        raise
-    try:
-        response = await watch(_serve(gw, ctx, req, finish), ctx, is_disconnected)
+        life.admitted = True
+        key_policy = gw.settings.key_policies.get(ctx.key_hash) if ctx.key_hash else None
+        max_n = min(gw.settings.max_n, key_policy.max_n) if key_policy and key_policy.max_n else gw.settings.max_n
+        max_tokens = check_limits(gw, req, max_n)
+        opts = parse_options(req.ttc, ctx.headers, gw.settings, key_policy)
+        if opts.deadline_ms is not None:
+            # Known before anything waits, so the watcher never sleeps past it (counted from arrival).
+            ctx.deadline = ctx.started + opts.deadline_ms / 1000.0
+        response = await watch(_serve(gw, ctx, req, opts, key_policy, max_n, max_tokens, life), ctx,
+                               is_disconnected)
     except APIError as err:
         if err.code == "budget_exceeded":
             gw.metrics.budget_rejection("too_small")
-        finish(ctx, err.status, False)
+        life.finish(ctx, err.status, False)
         raise
     except ClientGone:
-        finish(ctx, 499, True)
-        return Response(status_code=499)
+        life.finish(ctx, 499, True)
+        response = Response(status_code=499)
     except BaseException:
-        finish(ctx, 500, False)
+        life.finish(ctx, 500, False)
         raise
+    finally:
+        if not isinstance(response, StreamingResponse):
+            await life.close_shielded()
     if isinstance(response, StreamingResponse):
-        # The stream's generator calls finish at its end; this also frees the slot if it never started.
-        response.background = BackgroundTask(release)
-    else:
-        release()
+        # The stream settles the request when it ends or is abandoned.
+        return life.settling(response)
     return response
 
 
-async def _serve(gw: Gateway, ctx: RequestContext, req: Request, finish) -> Response:
-    key_policy = gw.settings.key_policies.get(ctx.key_hash) if ctx.key_hash else None
-    max_n = min(gw.settings.max_n, key_policy.max_n) if key_policy and key_policy.max_n else gw.settings.max_n
-    max_tokens = check_limits(gw, req, max_n)
-    opts = parse_options(req.ttc, ctx.headers, gw.settings, key_policy)
-    if opts.deadline_ms is not None:
-        ctx.deadline = ctx.started + opts.deadline_ms / 1000.0
-    budget = effective_budget(gw, opts)
-    if key_policy and key_policy.flops_quota:
-        # Under a quota every request runs under a budget, reserved whole up front and settled at the end.
+async def _reserve_quota(gw: Gateway, ctx: RequestContext, life: RequestLifecycle, key_policy: KeyPolicy,
+                         budget: float) -> None:
+    try:
+        await life.reserve(ctx.key_hash, budget, key_policy.flops_quota, key_policy.quota_window_s,
+                           key_policy.quota_on_redis_failure)
+    except QuotaExceeded as exc:
+        gw.metrics.budget_rejection("quota")
+        raise APIError(429, f"This API key's FLOPs quota cannot cover this request: {exc.used:.3e} of "
+                            f"{exc.limit:.3e} FLOPs are used or reserved in this window, and this request reserves "
+                            f"up to {exc.amount:.3e} (its budget). Retry later or send a smaller "
+                            f"X-TTC-Budget-FLOPs.", code="insufficient_quota", type_="insufficient_quota",
+                       headers={"Retry-After": str(exc.retry_after_s), "x-should-retry": "false"})
+    except QuotaUnavailable:
+        gw.metrics.budget_rejection("quota_unavailable")
+        raise APIError(503, "The quota store is unreachable and this API key has a quota; retry shortly",
+                       code="quota_unavailable", headers={"Retry-After": str(gw.settings.retry_after_s)})
+
+
+async def _serve(gw: Gateway, ctx: RequestContext, req: Request, opts: TTCOptions, key_policy: KeyPolicy | None,
+                 max_n: int, max_tokens: int, life: RequestLifecycle) -> Response:
+    budget = effective_budget(opts.budget_flops, opts.budget_tokens, gw.policy.shape)
+    quota = key_policy is not None and key_policy.flops_quota is not None
+    if quota:
+        # Under a quota every request runs under an enforced budget, reserved whole and settled at the end.
         if budget is None or not opts.enforce:
             budget = min(x for x in (budget, key_policy.max_budget_flops, gw.settings.max_budget_flops,
                                      key_policy.flops_quota) if x is not None)
             opts.mode = "enforce"
-        try:
-            await gw.quota.reserve(ctx.key_hash, budget, key_policy.flops_quota, key_policy.quota_window_s)
-        except QuotaExceeded as exc:
-            gw.metrics.budget_rejection("quota")
-            raise APIError(429, f"This API key's FLOPs quota is spent ({exc.used:.3e} of {exc.limit:.3e} FLOPs)",
-                           code="insufficient_quota", type_="insufficient_quota",
-                           headers={"Retry-After": str(exc.retry_after_s), "x-should-retry": "false"})
-        ctx.quota_reserved = budget
     ctx.budget_flops = budget
     limit = budget if opts.enforce else None
+    finish = life.finish
     try:
         if opts.passthrough:
-            max_tokens = passthrough_max_tokens(gw, req, max_tokens, limit)
+            if limit is not None or (isinstance(req, CompletionRequest) and prompt_count(req.prompt) > 1):
+                ctx.prompt_tokens = await prompt_tokens(gw, req, max_tokens)
+            if limit is not None:
+                cost = PlainRequestCost(gw.policy.shape, ctx.prompt_tokens, req.n)
+                max_tokens = cost.max_tokens_within(limit, max_tokens)
+            if quota:
+                await _reserve_quota(gw, ctx, life, key_policy, budget)
             return await passthrough.forward(gw.policy, gw.response_cache, ctx, req, max_tokens, finish)
         if opts.strategy_name == AUTO:
             if opts.params:
@@ -200,9 +189,13 @@ async def _serve(gw: Gateway, ctx: RequestContext, req: Request, finish) -> Resp
         if ctx.deadline is not None and gw.settings.deadline_action == "best":
             # Stop starting new engine calls early enough for the one in flight to finish before the deadline.
             soft_deadline = ctx.started + 0.7 * (ctx.deadline - ctx.started)
+        if quota:
+            await _reserve_quota(gw, ctx, life, key_policy, budget)
         response = await search.run(gw.policy, reward, ctx, req, strategy, limit, max_tokens, finish, {},
                                     soft_deadline, gw.sample_store, gw.settings.cache_samples_ttl_s)
         return response
+    except BudgetError as err:
+        raise _invalid(err)
     except WorkerUnavailable as exc:
         raise unavailable(f"The {exc.pool} workers are unavailable; retry shortly", gw.settings.retry_after_s)
     except WorkerError as exc:

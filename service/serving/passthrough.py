@@ -51,7 +51,7 @@ async def forward(policy: PolicyClient, cache: ResponseCache, ctx: RequestContex
     if req.stream:
         return await _forward_stream(policy, cache, key, ctx, path, payload, req.include_usage, req.n, finish)
     body = await policy.pool.post_json(path, payload)
-    policy.meter_usage(ctx.meter, body.get("usage"), req.n)
+    policy.meter_usage(ctx.meter, body.get("usage"), req.n, ctx.prompt_tokens)
     body = decorate_upstream(body, ctx, STRATEGY)
     await cache.store(ctx, key, body)
     finish(ctx, 200, False)
@@ -78,7 +78,7 @@ async def _forward_stream(policy: PolicyClient, cache: ResponseCache, key: str |
                     break
                 if '"choices":[]' in data and '"usage"' in data:
                     usage_msg = orjson.loads(data)
-                    policy.meter_usage(ctx.meter, usage_msg.get("usage"), n)
+                    policy.meter_usage(ctx.meter, usage_msg.get("usage"), n, ctx.prompt_tokens)
                     usage_msg["usage"]["flops"] = ctx.meter.total_flops
                     usage_msg["ttc"] = ttc_object(STRATEGY, ctx.meter, cache=ctx.cache_status, **budget_fields(ctx))
                     if key is not None and first is not None:

@@ -45,6 +45,9 @@ class ResponseCache:
         if parse_cache_control(ctx.headers.get("cache-control")).no_cache:
             ctx.cache_status = "bypass"
             return None
+        if not getattr(self.cache, "healthy", True):
+            ctx.cache_status = "bypass"  # the store is known to be down (breaker open): not even asked
+            return None
         raw = await self.cache.get(key)
         if raw is None:
             ctx.cache_status = "miss"

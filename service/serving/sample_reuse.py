@@ -27,6 +27,9 @@ class SampleReusingPolicy:
     def estimate_flops(self, prompts: Sequence[str], params: SamplingParams, n: int = 1) -> float:
         return self.inner.estimate_flops(prompts, params, n)
 
+    async def count_prompt_tokens(self, prompts: Sequence[str]) -> None:
+        await self.inner.count_prompt_tokens(prompts)
+
     async def generate_multi(self, prompts: Sequence[str], params: SamplingParams,
                              ns: Sequence[int]) -> list[list[Completion]]:
         return await self.inner.generate_multi(prompts, params, ns)

@@ -70,6 +70,7 @@ async def run(policy_client: PolicyClient, reward: Any, ctx: RequestContext,
         policy = SampleReusingPolicy(policy, sample_store, ctx.tenant, samples_ttl_s, read=not cc.no_cache,
                                      write=not cc.no_store)
     budget = ComputeBudget(budget_flops, lambda: ctx.meter.total_flops, deadline=soft_deadline)
+    await policy_client.count_tokens([problem.prompt])  # the check below then uses the exact prompt tokens
     one_answer = policy.estimate_flops([problem.prompt], SamplingParams(max_tokens=max_tokens, temperature=0.0))
     if not budget.allows(one_answer):
         raise APIError(400, f"The FLOPs budget {budget_flops:.3e} cannot pay for even one answer of up to "
@@ -102,6 +103,7 @@ async def _stream(model: str, ctx: RequestContext, strategy: Strategy, problem: 
     task = asyncio.create_task(strategy.run(problem, policy, reward, budget, progress))
     sent = ""
     status, disconnected = 499, True
+    getter: asyncio.Future | None = None
     try:
         if ctx.route == "chat":
             yield sse.event(chunk(ctx, rid, model, role=True, content=""))
@@ -136,7 +138,10 @@ async def _stream(model: str, ctx: RequestContext, strategy: Strategy, problem: 
         yield sse.DONE
         status, disconnected = 503, False
     finally:
-        # A client that goes away cancels this generator: cancel the search and, with it, its upstream calls.
+        # A client that goes away cancels or closes this generator: cancel the search and, with it, its upstream
+        # calls, and the pending queue read (left pending, it is destroyed with a warning).
+        if getter is not None and not getter.done():
+            getter.cancel()
         if not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)

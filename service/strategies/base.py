@@ -61,7 +61,11 @@ class Policy(Protocol):
         ...
 
     def estimate_flops(self, prompts: Sequence[str], params: SamplingParams, n: int = 1) -> float:
-        """Upper estimate of what `generate` would cost (all samples running to max_tokens), for anytime budgets."""
+        """Upper estimate of what `generate` would cost (all samples running to max_tokens), for anytime budgets.
+
+        Optional companion: `async count_prompt_tokens(prompts)`, awaited before every budgeted call, lets a policy
+        count the prompts' real tokens first so that this estimate is exact rather than a loose bound.
+        """
         ...
 
 

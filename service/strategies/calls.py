@@ -60,6 +60,9 @@ class BudgetedCalls:
         `reserve`: FLOPs that must remain afterwards (e.g. scoring the results), so generation is not wasted.
         """
         counts = [ns] * len(prompts) if isinstance(ns, int) else list(ns)
+        if prompts and hasattr(self.policy, "count_prompt_tokens"):
+            # Exact prompt tokens first, so the worst case below is a true upper bound whatever the text.
+            await self.policy.count_prompt_tokens([p for p, n in zip(prompts, counts) if n > 0])
         if not prompts or not self.fits(self.generation_estimate(prompts, params, counts) + reserve):
             return None
         params = self._params(params)

@@ -6,6 +6,8 @@ strategies receive: every call it makes is metered into that request's `Meter` f
 
 from __future__ import annotations
 
+import asyncio
+from collections import OrderedDict
 from typing import Any, Sequence
 
 from ..metering import Meter, ModelShape
@@ -13,12 +15,18 @@ from ..strategies.base import Completion, SamplingParams
 from .pool import WorkerPool
 
 
+# Chat fields that change what the chat template renders (and so the prompt's tokens).
+_TEMPLATE_FIELDS = ("messages", "tools", "chat_template", "chat_template_kwargs", "add_generation_prompt",
+                    "continue_final_message")
+_COUNT_CACHE_SIZE = 8192
+
+
 class PolicyClient:
     def __init__(self, pool: WorkerPool, shape: ModelShape):
         self.pool = pool
         self.shape = shape
-        # Learned from responses; used only to estimate prompt tokens for budget checks before a call.
-        self.chars_per_token = 3.0
+        # Exact prompt token counts from the worker's tokenizer (text -> tokens), shared by all requests.
+        self._counts: OrderedDict[str, int] = OrderedDict()
 
     @property
     def model(self) -> str:
@@ -31,21 +39,53 @@ class PolicyClient:
         text = await self.pool.post_json("/detokenize", {"model": self.model, "tokens": tok["tokens"]})
         return text["prompt"]
 
-    def estimate_prompt_tokens(self, text: str) -> int:
-        return int(len(text) / self.chars_per_token) + 1
+    async def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Exact token counts of completion prompts, as the worker tokenizes them (special tokens included)."""
+        missing = [t for t in dict.fromkeys(texts) if t not in self._counts]
+        if missing:
+            counts = await asyncio.gather(*(self.pool.post_json("/tokenize", {"model": self.model, "prompt": t})
+                                            for t in missing))
+            for text, body in zip(missing, counts):
+                self._remember(text, int(body["count"]))
+        return [self._counts[t] for t in texts]
+
+    async def count_chat_tokens(self, payload: dict[str, Any]) -> int:
+        """Exact prompt tokens of a chat request: the worker renders its own chat template (tools included)."""
+        body = {k: payload[k] for k in _TEMPLATE_FIELDS if payload.get(k) is not None}
+        body.setdefault("add_generation_prompt", True)
+        return int((await self.pool.post_json("/tokenize", {"model": self.model, **body}))["count"])
+
+    def _remember(self, text: str, count: int) -> None:
+        self._counts[text] = count
+        self._counts.move_to_end(text)
+        while len(self._counts) > _COUNT_CACHE_SIZE:
+            self._counts.popitem(last=False)
+
+    def prompt_tokens_bound(self, text: str) -> int:
+        """The exact count once `count_tokens` has seen the text; before that an upper bound: a byte-level
+        tokenizer never makes more tokens than UTF-8 bytes (plus the special tokens it adds)."""
+        count = self._counts.get(text)
+        return count if count is not None else len(text.encode("utf-8", "surrogatepass")) + 2
 
     def meter_usage(self, meter: Meter, usage: dict[str, Any] | None, n: int,
-                    completion_lengths: Sequence[int] | None = None) -> float:
-        """Meter one pass-through response from its usage block; returns the FLOPs added."""
+                    prompt_lengths: Sequence[int] | None = None) -> float:
+        """Meter one pass-through response from its usage block; returns the FLOPs added.
+
+        A batch of prompts is metered prompt by prompt (`prompt_lengths`, when counted), not as one long prompt.
+        """
         usage = usage or {}
         prompt = int(usage.get("prompt_tokens") or 0)
         completion = int(usage.get("completion_tokens") or 0)
         cached = int(((usage.get("prompt_tokens_details") or {}).get("cached_tokens")) or 0)
-        if completion_lengths is None:
-            # Per-choice lengths are not in usage; an even split only moves the small attention term.
-            n = max(1, n)
-            completion_lengths = [completion // n + (1 if i < completion % n else 0) for i in range(n)]
-        flops = self.shape.generation_flops(prompt, cached, completion_lengths)
+        lengths = list(prompt_lengths) if prompt_lengths and sum(prompt_lengths) == prompt else [prompt]
+        n = max(1, n)
+        sequences = n * len(lengths)
+        # Per-choice lengths are not in usage; an even split only moves the small attention term.
+        shares = [completion // sequences + (1 if i < completion % sequences else 0) for i in range(sequences)]
+        flops = 0.0
+        for i, plen in enumerate(lengths):
+            plen_cached = round(cached * plen / prompt) if prompt else 0
+            flops += self.shape.generation_flops(plen, plen_cached, shares[i * n:(i + 1) * n])
         meter.add_policy(flops, prompt, cached, completion)
         return flops
 
@@ -62,9 +102,13 @@ class MeteredPolicy:
         shape = self.client.shape
         total = 0.0
         for p in prompts:
-            tokens = self.client.estimate_prompt_tokens(p)
+            tokens = self.client.prompt_tokens_bound(p)
             total += shape.generation_flops(tokens, 0, [params.max_tokens] * n)
         return total
+
+    async def count_prompt_tokens(self, prompts: Sequence[str]) -> None:
+        """Makes `estimate_flops` exact for these prompts (the budgeted calls ask before every engine call)."""
+        await self.client.count_tokens(prompts)
 
     async def generate(self, prompts: Sequence[str], params: SamplingParams, n: int = 1) -> list[list[Completion]]:
         return await self.generate_multi(prompts, params, [n] * len(prompts))
@@ -73,8 +117,6 @@ class MeteredPolicy:
                              ns: Sequence[int]) -> list[list[Completion]]:
         """Several prompts with their own sample counts. vLLM takes one `n` per request, so prompts are grouped by
         n and the groups sent concurrently; each group is one batched request (continuous batching merges them)."""
-        import asyncio
-
         groups: dict[int, list[int]] = {}
         for i, k in enumerate(ns):
             if k > 0:
@@ -133,6 +175,3 @@ class MeteredPolicy:
             flops += shape.generation_flops(plen, cached, [c.token_count for c in comps])
         completion = sum(c.token_count for comps in out for c in comps)
         self.meter.add_policy(flops, prompt_total, cached_total, completion)
-        chars = sum(len(p) for p in prompts)
-        if prompt_total > 0 and chars > 0:
-            self.client.chars_per_token = 0.8 * self.client.chars_per_token + 0.2 * (chars / prompt_total)

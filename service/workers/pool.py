@@ -25,6 +25,10 @@ log = logging.getLogger("ttc.workers")
 _JSON = {"content-type": "application/json"}
 # What a broken or unreachable worker raises (connection refused/reset, server gone, read timeout).
 TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
+# What a pooled keep-alive connection that the worker had already closed raises: the request never reached the
+# worker, so sending it once more on a fresh connection is safe. (A refused connect is not among them.)
+STALE_CONNECTION_ERRORS = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
+KEEPALIVE_S = 3.0
 
 
 class WorkerUnavailable(Exception):
@@ -88,7 +92,10 @@ class WorkerPool:
             # Per-read (not total) timeout: a long stream is fine as long as tokens keep coming.
             timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_s,
                                             sock_read=self.request_timeout_s)
-            connector = aiohttp.TCPConnector(limit=256, keepalive_timeout=30.0, ttl_dns_cache=300)
+            # Idle connections are dropped before the worker drops them (uvicorn, which vLLM runs on, closes idle
+            # keep-alive connections after 5 s): a request written into a connection the worker just closed fails
+            # with "Can not write request body".
+            connector = aiohttp.TCPConnector(limit=256, keepalive_timeout=KEEPALIVE_S, ttl_dns_cache=300)
             self._session = aiohttp.ClientSession(timeout=timeout, connector=connector, json_serialize=None)
         return self._session
 
@@ -136,15 +143,22 @@ class WorkerPool:
                 self.metrics.upstream_error(self.name, error_kind)
 
     async def post_json(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
-        ep = self._pick()
-        async with self._track(ep):
-            try:
-                async with self.session.post(ep.url + path, data=orjson.dumps(payload), headers=_JSON) as resp:
-                    status, content = resp.status, await resp.read()
-            except TRANSPORT_ERRORS as exc:
-                self._mark_down(ep, exc)
-                self._outcome("unavailable", type(exc).__name__)
-                raise WorkerUnavailable(self.name, str(exc) or type(exc).__name__) from exc
+        data = orjson.dumps(payload)
+        for attempt in (1, 2):
+            ep = self._pick()
+            async with self._track(ep):
+                try:
+                    async with self.session.post(ep.url + path, data=data, headers=_JSON) as resp:
+                        status, content = resp.status, await resp.read()
+                    break
+                except TRANSPORT_ERRORS as exc:
+                    if attempt == 1 and _stale_connection(exc):
+                        log.info("%s worker %s: stale pooled connection (%s); sending once more", self.name,
+                                 ep.url, exc)
+                        continue
+                    self._mark_down(ep, exc)
+                    self._outcome("unavailable", type(exc).__name__)
+                    raise WorkerUnavailable(self.name, str(exc) or type(exc).__name__) from exc
         return self._decode(status, content)
 
     def _decode(self, status: int, content: bytes) -> dict[str, Any]:
@@ -165,7 +179,7 @@ class WorkerPool:
         ep = self._pick()
         async with self._track(ep):
             try:
-                resp = await self.session.post(ep.url + path, data=orjson.dumps(payload), headers=_JSON)
+                resp = await self._open(ep, path, orjson.dumps(payload))
             except TRANSPORT_ERRORS as exc:
                 self._mark_down(ep, exc)
                 self._outcome("unavailable", type(exc).__name__)
@@ -180,6 +194,15 @@ class WorkerPool:
                     resp.release()  # read to the end: the connection goes back to the pool
                 else:
                     resp.close()  # abandoned mid-stream: drop the connection so vLLM aborts the request
+
+    async def _open(self, ep: Endpoint, path: str, data: bytes) -> aiohttp.ClientResponse:
+        try:
+            return await self.session.post(ep.url + path, data=data, headers=_JSON)
+        except TRANSPORT_ERRORS as exc:
+            if not _stale_connection(exc):
+                raise
+            log.info("%s worker %s: stale pooled connection (%s); sending once more", self.name, ep.url, exc)
+            return await self.session.post(ep.url + path, data=data, headers=_JSON)
 
     async def _sse_data(self, resp: aiohttp.ClientResponse, ep: Endpoint) -> AsyncIterator[str]:
         try:
@@ -208,3 +231,7 @@ class WorkerPool:
 
     def status(self) -> dict[str, Any]:
         return {"ready": self.ready, "model": self.served_name, "workers": [e.as_dict() for e in self.endpoints]}
+
+
+def _stale_connection(exc: BaseException) -> bool:
+    return isinstance(exc, STALE_CONNECTION_ERRORS) and not isinstance(exc, aiohttp.ClientConnectorError)
