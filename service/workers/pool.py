@@ -29,6 +29,8 @@ TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
 # worker, so sending it once more on a fresh connection is safe. (A refused connect is not among them.)
 STALE_CONNECTION_ERRORS = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 KEEPALIVE_S = 3.0
+# Consecutive timed-out health probes after which a worker counts as down.
+SLOW_PROBES_DOWN = 3
 
 
 class WorkerUnavailable(Exception):
@@ -69,6 +71,7 @@ class Endpoint:
     # Set by the supervisor for co-located workers: lets /ready report the process and tests kill it.
     pid: int | None = None
     restarts: int = 0
+    slow_probes: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {"url": self.url, "healthy": self.healthy, "inflight": self.inflight, "pid": self.pid,
@@ -222,9 +225,14 @@ class WorkerPool:
                 async with self.session.get(ep.url + "/health", timeout=probe) as r:
                     ep.healthy = r.status == 200
                     ep.last_error = "" if ep.healthy else f"/health returned {r.status}"
+                    ep.slow_probes = 0
             except TRANSPORT_ERRORS as exc:
-                ep.healthy = False
                 ep.last_error = f"{type(exc).__name__}: {exc}"[:300]
+                # A refused connection means the worker is gone; a probe that merely timed out on a saturated host
+                # (both cores busy decoding) takes the worker out of rotation only when it keeps happening.
+                ep.slow_probes = ep.slow_probes + 1 if isinstance(exc, asyncio.TimeoutError) else SLOW_PROBES_DOWN
+                if ep.slow_probes >= SLOW_PROBES_DOWN:
+                    ep.healthy = False
             ep.checked_at = time.time()
 
         await asyncio.gather(*(one(ep) for ep in self.endpoints))
