@@ -74,6 +74,12 @@ class KeyPolicy(BaseModel):
 class PolicyPoolSettings(WorkerPoolSettings):
     served_name: str = DEFAULT_POLICY_NAME
     port: int = 8101
+    # Tool calling on embedded workers: vLLM's --tool-call-parser for the model's call syntax (with
+    # --enable-auto-tool-choice), and a chat template that renders tools. "auto": the bundled model gets "hermes" and
+    # the shipped tool-aware template; any other model its own template and no parser ("" = none: tool_choice
+    # "required" or a named tool still work through guided decoding, "auto" does not).
+    tool_call_parser: str = "auto"
+    chat_template: str = ""
 
 
 class RewardPoolSettings(WorkerPoolSettings):

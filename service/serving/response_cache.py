@@ -11,13 +11,14 @@ from typing import Any, AsyncIterator
 
 import orjson
 
+from ..api.protocol_tools import IGNORED_FIELDS
 from ..cache import Cache, cache_key, cacheable_response, parse_cache_control
 from . import sse
 from .context import RequestContext
-from .responses import chunk, ttc_object, usage_chunk
+from .responses import chunk, system_fingerprint, ttc_object, usage_chunk
 
 # Fields that do not change the generated text (streaming shape is replayed, not cached separately).
-_NOT_IN_KEY = {"stream", "stream_options", "user"}
+_NOT_IN_KEY = {"stream", "stream_options", "user"} | IGNORED_FIELDS
 
 
 class ResponseCache:
@@ -55,6 +56,9 @@ class ResponseCache:
             ctx.cache_status = "miss"
             return None
         ctx.cache_status = "hit"
+        # A replay is a new answer: its own id and time (clients key logs and dedup on them).
+        body["id"], body["created"] = ctx.response_id, ctx.created
+        body["system_fingerprint"] = system_fingerprint(str(body.get("model", "")))
         body["usage"]["flops"] = 0.0
         body["ttc"] = ttc_object(body.get("ttc", {}).get("strategy", ctx.strategy), ctx.meter, cache="hit")
         return body
