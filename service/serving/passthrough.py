@@ -76,6 +76,7 @@ async def _forward_stream(policy: PolicyClient, cache: ResponseCache, key: str |
         finish_reason = "stop"
         complete = False
         stored: dict[str, Any] | None = None
+        store_key = key
         try:
             async for data in events:
                 if data == "[DONE]":
@@ -87,25 +88,27 @@ async def _forward_stream(policy: PolicyClient, cache: ResponseCache, key: str |
                     usage_msg["usage"]["flops"] = ctx.meter.total_flops
                     usage_msg["ttc"] = ttc_object(STRATEGY, ctx.meter, cache=ctx.cache_status, **budget_fields(ctx))
                     usage_msg["system_fingerprint"] = system_fingerprint(policy.model)
-                    if key is not None and first is not None:
+                    if store_key is not None and first is not None:
                         stored = body_from_stream(ctx, first, "".join(collected), finish_reason,
                                                   usage_msg["usage"], usage_msg["ttc"])
                     if include_usage:
                         yield sse.event(usage_msg)
                     continue
                 ctx.mark_first_token()
-                if key is not None:
+                if store_key is not None:
                     # A cacheable stream is n = 1: collect its text to store the finished response.
                     msg = orjson.loads(data)
                     first = first or msg
                     for choice in msg.get("choices", []):
+                        if choice.get("delta", {}).get("tool_calls"):
+                            store_key = None  # only text is collected for the cache: a streamed tool call is not stored
                         delta = choice.get("delta", {}).get("content") if ctx.route == "chat" else choice.get("text")
                         collected.append(delta or "")
                         finish_reason = choice.get("finish_reason") or finish_reason
                 yield b"data: " + with_fingerprint(data, policy.model) + b"\n\n"
             yield sse.DONE
-            if complete and stored is not None:
-                await cache.store(ctx, key, stored)
+            if complete and stored is not None and store_key is not None:
+                await cache.store(ctx, store_key, stored)
             finish(ctx, 200, False)
         except WorkerUnavailable as exc:
             yield sse.error_event(f"policy worker failed mid-stream: {exc.detail}", "service_unavailable",

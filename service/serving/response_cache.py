@@ -78,7 +78,13 @@ def replay_stream(ctx: RequestContext, body: dict[str, Any], include_usage: bool
         rid, model = body["id"], body["model"]
         if ctx.route == "chat":
             yield sse.event(chunk(ctx, rid, model, role=True, content=""))
-        yield sse.event(chunk(ctx, rid, model, content=text))
+        if text:
+            yield sse.event(chunk(ctx, rid, model, content=text))
+        calls = choice["message"].get("tool_calls") if ctx.route == "chat" else None
+        if calls:
+            piece = chunk(ctx, rid, model)
+            piece["choices"][0]["delta"] = {"tool_calls": [dict(c, index=i) for i, c in enumerate(calls)]}
+            yield sse.event(piece)
         yield sse.event(chunk(ctx, rid, model, finish_reason=choice.get("finish_reason") or "stop"))
         if include_usage:
             yield sse.event(usage_chunk(ctx, rid, model, body["usage"], body["ttc"]))
