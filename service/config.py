@@ -80,6 +80,10 @@ class PolicyPoolSettings(WorkerPoolSettings):
     # "required" or a named tool still work through guided decoding, "auto" does not).
     tool_call_parser: str = "auto"
     chat_template: str = ""
+    # vLLM's --tool-strict-level with a parser: "parameter" pins every call's arguments to the tool's JSON schema
+    # (as if each tool were strict), which turned the bundled model's required/named calls from schema echoes
+    # into valid arguments (measured in the README); "auto" leaves it to each tool's `strict`.
+    tool_strict_level: str = "parameter"
 
 
 class RewardPoolSettings(WorkerPoolSettings):

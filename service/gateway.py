@@ -129,7 +129,7 @@ class Gateway:
         bundled = not p.model
         parser = ("hermes" if bundled else "") if p.tool_call_parser == "auto" else p.tool_call_parser
         template = p.chat_template or (str(BUNDLED_TOOL_TEMPLATE) if bundled else "")
-        return tool_calling_args(parser, template)
+        return tool_calling_args(parser, template, p.tool_strict_level)
 
     def reward_for(self, meter: Meter, tenant: str) -> Reward:
         """The configured step verifier, metered into this request's meter."""
