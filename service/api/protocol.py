@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from .protocol_tools import (IGNORED_FIELDS, RefusalPart, ResponseFormat, TextPart, ToolCall, ToolChoice,
                              ToolDefinition, content_text, parse_content)
@@ -162,15 +162,15 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("top_logprobs requires logprobs to be true")
         return self
 
-    @model_validator(mode="after")
-    def _tool_choice(self) -> "ChatCompletionRequest":
-        if self.tool_choice not in (None, "none") and not self.tools:
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice(cls, v: Any, info: ValidationInfo) -> Any:
+        tools = info.data.get("tools") or ()
+        if v not in (None, "none") and not tools:
             raise ValueError("tool_choice needs tools")
-        if not isinstance(self.tool_choice, str) and self.tool_choice is not None:
-            names = {t.function.name for t in self.tools or ()}
-            if self.tool_choice.function.name not in names:
-                raise ValueError(f"tool_choice names {self.tool_choice.function.name!r}, which is not in tools")
-        return self
+        if v is not None and not isinstance(v, str) and v.function.name not in {t.function.name for t in tools}:
+            raise ValueError(f"tool_choice names {v.function.name!r}, which is not in tools")
+        return v
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
