@@ -11,11 +11,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .protocol import ChatCompletionRequest
+from .protocol import ChatCompletionRequest, StrictModel
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=False)
+_Strict = StrictModel  # the chat protocol's strict base: unknown fields are a 400 here too
 
 
 class InputText(_Strict):
