@@ -142,3 +142,50 @@ def test_chat_chunks_become_response_events():
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
     assert events[-1]["response"]["output"][0]["content"][0]["text"] == "Hello"
     assert events[-1]["response"]["usage"]["total_tokens"] == 5
+
+
+# SmolLM2-135M-Instruct's shipped chat template (from the prepared model folder's chat_template.jinja).
+SHIPPED_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def _render(template: str, **kw) -> str:
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.filters["tojson"] = lambda v: __import__("json").dumps(v, ensure_ascii=False)
+    return env.from_string(template).render(**kw)
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": "hi"}],
+    [{"role": "system", "content": "S"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+     {"role": "user", "content": "again"}],
+    [{"role": "developer", "content": "D"}, {"role": "user", "content": "q"}],
+])
+@pytest.mark.parametrize("generation", [True, False])
+def test_tool_template_renders_like_the_shipped_one_without_tools(messages, generation):
+    from service.workers.supervisor import BUNDLED_TOOL_TEMPLATE
+
+    ours = BUNDLED_TOOL_TEMPLATE.read_text()
+    assert _render(ours, messages=messages, add_generation_prompt=generation) == \
+        _render(SHIPPED_TEMPLATE, messages=messages, add_generation_prompt=generation)
+
+
+def test_tool_template_renders_tools_calls_and_results():
+    from service.workers.supervisor import BUNDLED_TOOL_TEMPLATE
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    messages = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "get_weather",
+                                                                  "arguments": '{"city": "Paris"}'}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    text = _render(BUNDLED_TOOL_TEMPLATE.read_text(), messages=messages, tools=tools, add_generation_prompt=True)
+    assert '<tools>\n{"type": "function", "function": {"name": "get_weather"' in text
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>' in text
+    assert "<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>" in text
+    assert text.endswith("<|im_start|>assistant\n")
