@@ -63,7 +63,9 @@ async def responses(body: ResponsesRequest, request: Request) -> Response:
         chat = to_chat(body)
     except ValidationError as exc:  # e.g. a tool_choice naming no tool: the same 400 as on the chat route
         raise validation_error(RequestValidationError(exc.errors()))
-    response = await handle(request.app.state.gateway, _context(request, "chat"), chat, request.is_disconnected)
+    ctx = _context(request, "chat")
+    ctx.path = "/v1/responses"
+    response = await handle(request.app.state.gateway, ctx, chat, request.is_disconnected)
     return as_responses(body, response)
 
 

@@ -134,7 +134,7 @@ def test_cached_reply_has_its_own_id(base_url, model_name):
 
 # --- the Responses API ---------------------------------------------------------------------------------------------
 
-def test_responses_create(client, model_name):
+def test_responses_create(client, base_url, model_name):
     raw = client.responses.with_raw_response.create(model=model_name, input="Say hello.", instructions="Be brief.",
                                                     max_output_tokens=12, temperature=0,
                                                     extra_body={"ttc": {"budget_mode": "report"}})
@@ -143,6 +143,9 @@ def test_responses_create(client, model_name):
     assert resp.status in ("completed", "incomplete") and resp.usage.output_tokens <= 12
     assert resp.usage.input_tokens > 0 and resp.model_extra["ttc"]["strategy"] == "none"
     assert float(raw.headers["x-ttc-flops"]) > 0 and raw.headers["x-request-id"]
+    metrics = httpx.get(base_url + "/metrics", timeout=10).text.splitlines()
+    assert any(line.startswith('ttc_requests_total{route="/v1/responses"') and 'status_class="2xx"' in line
+               for line in metrics)
 
 
 def test_responses_stream_and_strategy(client, model_name):

@@ -189,3 +189,20 @@ def test_tool_template_renders_tools_calls_and_results():
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>' in text
     assert "<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>" in text
     assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_streamed_tool_calls_become_function_call_items():
+    stream = EventStream(ResponsesRequest.model_validate({"model": "m", "input": "Hi", "tools": [
+        {"type": "function", "name": "f", "parameters": {"type": "object"}}]}))
+    frames = stream.start()
+    frames += stream.chunk({"choices": [{"index": 0, "delta": {"tool_calls": [
+        {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a"'}}]}}]})
+    frames += stream.chunk({"choices": [{"index": 0, "delta": {"tool_calls": [
+        {"index": 0, "function": {"arguments": ": 1}"}}]}, "finish_reason": "tool_calls"}]})
+    frames += stream.finish()
+    events = [orjson.loads(f.split(b"data: ", 1)[1]) for f in frames]
+    assert [e["type"] for e in events][2:] == ["response.output_item.added", "response.function_call_arguments.done",
+                                               "response.output_item.done", "response.completed"]
+    item = events[-1]["response"]["output"][0]
+    assert (item["type"], item["call_id"], item["name"], item["arguments"]) == ("function_call", "call_1", "f",
+                                                                               '{"a": 1}')
