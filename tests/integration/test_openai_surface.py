@@ -171,6 +171,12 @@ def test_responses_tool_call_and_json(client, model_name):
                                    max_output_tokens=96, temperature=0)
     call = next(item for item in resp.output if item.type == "function_call")
     assert call.name == "get_weather" and set(json.loads(call.arguments)) == {"city"}
+    events = list(client.responses.create(model=model_name, input=ASK[0]["content"], tools=[tool], stream=True,
+                                          tool_choice={"type": "function", "name": "get_weather"},
+                                          max_output_tokens=96, temperature=0))
+    assert events[-1].type == "response.completed"
+    streamed = [item for item in events[-1].response.output if item.type == "function_call"]
+    assert streamed and set(json.loads(streamed[0].arguments)) == {"city"}
     structured = client.responses.create(model=model_name, input="Invent a person.", max_output_tokens=64,
                                          temperature=0, text={"format": {"type": "json_schema", "name": "person",
                                                                          "schema": PERSON_SCHEMA}})
