@@ -77,6 +77,16 @@ class KeyPolicy(BaseModel):
 class PolicyPoolSettings(WorkerPoolSettings):
     served_name: str = DEFAULT_POLICY_NAME
     port: int = 8101
+    # Tool calling on embedded workers: vLLM's --tool-call-parser for the model's call syntax (with
+    # --enable-auto-tool-choice), and a chat template that renders tools. "auto": the bundled model gets "hermes" and
+    # the shipped tool-aware template; any other model its own template and no parser ("" = none: tool_choice
+    # "required" or a named tool still work through guided decoding, "auto" does not).
+    tool_call_parser: str = "auto"
+    chat_template: str = ""
+    # vLLM's --tool-strict-level with a parser: "parameter" pins every call's arguments to the tool's JSON schema
+    # (as if each tool were strict), which turned the bundled model's required/named calls from schema echoes
+    # into valid arguments (measured in the README); "auto" leaves it to each tool's `strict`.
+    tool_strict_level: str = "parameter"
 
 
 class RewardPoolSettings(WorkerPoolSettings):

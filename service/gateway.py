@@ -23,7 +23,8 @@ from .workers.policy import PolicyClient
 from .workers.pool import WorkerPool
 from .workers.reward import CachedStepScorer, MeteredPRM, PRMClient
 from .workers.step_prm import StepTagFormat, StepTagPRMClient
-from .workers.supervisor import ManagedWorker, Supervisor, WorkerSpec, step_pooling_args
+from .workers.supervisor import (BUNDLED_TOOL_TEMPLATE, ManagedWorker, Supervisor, WorkerSpec, step_pooling_args,
+                                 tool_calling_args)
 
 DEFAULT_PRM_HEAD = Path(__file__).parent / "data" / "prm_head_smollm2.npz"
 DEFAULT_POLICY_TABLE = Path(__file__).parent / "data" / "policy_table_smollm2.json"
@@ -112,7 +113,9 @@ class Gateway:
                                   port=pool_settings.port + i, max_model_len=pool_settings.max_model_len,
                                   dtype=pool_settings.dtype, kv_cache_gib=pool_settings.kv_cache_gib,
                                   pooling=(role == "reward"), chunked_prefill=pool_settings.chunked_prefill,
-                                  extra_args=pool_settings.extra_args)
+                                  extra_args=list(pool_settings.extra_args))
+                if role == "policy":
+                    spec.extra_args = self._tool_args() + spec.extra_args
                 if role == "reward" and isinstance(pool_settings, RewardPoolSettings) \
                         and pool_settings.format != "head":
                     fmt = StepTagFormat.from_settings(pool_settings)
@@ -120,6 +123,13 @@ class Gateway:
                 self.supervisor.add(ManagedWorker(spec, ep, s.models_dir.parent / "logs", s.vllm_cpu_threads,
                                                   s.worker_start_timeout_s, s.worker_restart), pool)
         return pool
+
+    def _tool_args(self) -> list[str]:
+        p = self.settings.policy
+        bundled = not p.model
+        parser = ("hermes" if bundled else "") if p.tool_call_parser == "auto" else p.tool_call_parser
+        template = p.chat_template or (str(BUNDLED_TOOL_TEMPLATE) if bundled else "")
+        return tool_calling_args(parser, template, p.tool_strict_level)
 
     def reward_for(self, meter: Meter, tenant: str) -> Reward:
         """The configured step verifier, metered into this request's meter."""

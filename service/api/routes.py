@@ -7,11 +7,17 @@ import time
 
 import orjson
 from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from starlette.responses import Response
 
 from ..serving.context import RequestContext
 from ..serving.handler import handle
+from .errors import APIError, validation_error
 from .protocol import ChatCompletionRequest, CompletionRequest
+from .protocol_tools import refused_fields
+from .responses_api import as_responses
+from .responses_protocol import ResponsesRequest, to_chat
 
 router = APIRouter()
 
@@ -31,14 +37,37 @@ def _context(request: Request, route: str) -> RequestContext:
     )
 
 
+def _refuse(refused: tuple[str, str] | None) -> None:
+    """A field that would change the answer and cannot be honoured: 400 naming it and why."""
+    if refused is not None:
+        name, why = refused
+        raise APIError(400, f"{name} is not supported: {why}", param=name, code="unsupported_parameter")
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    _refuse(refused_fields(body.__dict__))
     return await handle(request.app.state.gateway, _context(request, "chat"), body, request.is_disconnected)
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request) -> Response:
+    _refuse(refused_fields(body.__dict__))
     return await handle(request.app.state.gateway, _context(request, "completions"), body, request.is_disconnected)
+
+
+@router.post("/v1/responses")
+async def responses(body: ResponsesRequest, request: Request) -> Response:
+    """The Responses API, served by the chat path (same limits, budgets, strategies, headers)."""
+    _refuse(body.refused())
+    try:
+        chat = to_chat(body)
+    except ValidationError as exc:  # e.g. a tool_choice naming no tool: the same 400 as on the chat route
+        raise validation_error(RequestValidationError(exc.errors()))
+    ctx = _context(request, "chat")
+    ctx.path = "/v1/responses"
+    response = await handle(request.app.state.gateway, ctx, chat, request.is_disconnected)
+    return as_responses(body, response)
 
 
 @router.get("/v1/models")

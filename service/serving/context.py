@@ -11,7 +11,7 @@ from ..metering import Meter
 
 @dataclass
 class RequestContext:
-    route: str  # "chat" or "completions"
+    route: str  # "chat" or "completions": the shape served
     request_id: str
     tenant: str = "anonymous"
     headers: dict[str, str] = field(default_factory=dict)
@@ -32,6 +32,8 @@ class RequestContext:
     budget_exhausted: bool = False
     # Exact prompt tokens of a plain request, one per prompt (counted when a budget or a batch needs them).
     prompt_tokens: list[int] | None = None
+    # The HTTP path, for metrics, when it is not the route's own (/v1/responses is served as chat).
+    path: str = ""
 
     def mark_first_token(self) -> None:
         if self.first_token_s is None:

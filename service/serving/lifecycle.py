@@ -68,13 +68,17 @@ class RequestLifecycle:
     def settling(self, response: StreamingResponse) -> StreamingResponse:
         """The stream closes its body generator and the request when it ends, whether read to the end or
         abandoned: a generator left suspended at a `yield` would otherwise never run its own end."""
-        return _SettlingStream(response, self.close_shielded)
+        return SettlingStream(response, self.close_shielded)
 
 
-class _SettlingStream(StreamingResponse):
+class SettlingStream(StreamingResponse):
     def __init__(self, inner: StreamingResponse, on_close: Callable[[], Awaitable[None]]):
         self.__dict__.update(inner.__dict__)
         self._on_close = on_close
+
+    def around(self, other: StreamingResponse) -> "SettlingStream":
+        """`other` (e.g. this stream's events rewritten for another API) ending the request as this one would."""
+        return SettlingStream(other, self._on_close)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         try:

@@ -12,7 +12,7 @@ def record_request(metrics: Metrics, ctx: RequestContext, status: int, *, discon
     if ctx.finished:
         return
     ctx.finished = True
-    route = "/v1/chat/completions" if ctx.route == "chat" else "/v1/completions"
+    route = ctx.path or ("/v1/chat/completions" if ctx.route == "chat" else "/v1/completions")
     metrics.request_done(route, ctx.model or "unknown", status, ctx.strategy, time.monotonic() - ctx.started)
     if ctx.first_token_s is not None:
         metrics.first_token(route, ctx.strategy, ctx.first_token_s)

@@ -12,13 +12,13 @@ from typing import Any, AsyncIterator, Callable
 import orjson
 from starlette.responses import Response, StreamingResponse
 
-from ..api.protocol import ChatCompletionRequest, CompletionRequest
+from ..api.protocol import ECHOED_MESSAGE_FIELDS, NOT_FORWARDED, ChatCompletionRequest, CompletionRequest
 from ..workers.policy import PolicyClient
 from ..workers.pool import WorkerError, WorkerUnavailable
 from . import sse
 from .context import RequestContext
 from .response_cache import ResponseCache, body_from_stream, replay_stream
-from .responses import budget_fields, decorate_upstream, ttc_headers, ttc_object
+from .responses import budget_fields, decorate_upstream, system_fingerprint, ttc_headers, ttc_object, with_fingerprint
 
 STRATEGY = "none"
 UPSTREAM_PATH = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
@@ -26,8 +26,13 @@ UPSTREAM_PATH = {"chat": "/v1/chat/completions", "completions": "/v1/completions
 Finish = Callable[[RequestContext, int, bool], None]  # (ctx, status, client_disconnected)
 
 
+_EXCLUDE: dict[str, Any] = {**{k: True for k in NOT_FORWARDED}, "messages": {"__all__": set(ECHOED_MESSAGE_FIELDS)}}
+
+
 def upstream_payload(req: ChatCompletionRequest | CompletionRequest, model: str, max_tokens: int) -> dict[str, Any]:
-    payload = req.model_dump(exclude_none=True, exclude={"ttc", "stream_options", "max_completion_tokens"})
+    """Everything vLLM accepts goes as the client sent it (tools, tool messages, response_format, vLLM's extras);
+    by alias, so a JSON schema travels under its wire name `schema`."""
+    payload = req.model_dump(exclude_none=True, by_alias=True, exclude=_EXCLUDE)
     payload["model"] = model
     payload["max_tokens"] = max_tokens
     if req.stream:
@@ -71,6 +76,7 @@ async def _forward_stream(policy: PolicyClient, cache: ResponseCache, key: str |
         finish_reason = "stop"
         complete = False
         stored: dict[str, Any] | None = None
+        store_key = key
         try:
             async for data in events:
                 if data == "[DONE]":
@@ -81,25 +87,28 @@ async def _forward_stream(policy: PolicyClient, cache: ResponseCache, key: str |
                     policy.meter_usage(ctx.meter, usage_msg.get("usage"), n, ctx.prompt_tokens)
                     usage_msg["usage"]["flops"] = ctx.meter.total_flops
                     usage_msg["ttc"] = ttc_object(STRATEGY, ctx.meter, cache=ctx.cache_status, **budget_fields(ctx))
-                    if key is not None and first is not None:
+                    usage_msg["system_fingerprint"] = system_fingerprint(policy.model)
+                    if store_key is not None and first is not None:
                         stored = body_from_stream(ctx, first, "".join(collected), finish_reason,
                                                   usage_msg["usage"], usage_msg["ttc"])
                     if include_usage:
                         yield sse.event(usage_msg)
                     continue
                 ctx.mark_first_token()
-                if key is not None:
+                if store_key is not None:
                     # A cacheable stream is n = 1: collect its text to store the finished response.
                     msg = orjson.loads(data)
                     first = first or msg
                     for choice in msg.get("choices", []):
+                        if choice.get("delta", {}).get("tool_calls"):
+                            store_key = None  # only text is collected for the cache: a streamed tool call is not stored
                         delta = choice.get("delta", {}).get("content") if ctx.route == "chat" else choice.get("text")
                         collected.append(delta or "")
                         finish_reason = choice.get("finish_reason") or finish_reason
-                yield b"data: " + data.encode() + b"\n\n"
+                yield b"data: " + with_fingerprint(data, policy.model) + b"\n\n"
             yield sse.DONE
-            if complete and stored is not None:
-                await cache.store(ctx, key, stored)
+            if complete and stored is not None and store_key is not None:
+                await cache.store(ctx, store_key, stored)
             finish(ctx, 200, False)
         except WorkerUnavailable as exc:
             yield sse.error_event(f"policy worker failed mid-stream: {exc.detail}", "service_unavailable",

@@ -11,13 +11,14 @@ from typing import Any, AsyncIterator
 
 import orjson
 
+from ..api.protocol_tools import IGNORED_FIELDS
 from ..cache import Cache, cache_key, cacheable_response, parse_cache_control
 from . import sse
 from .context import RequestContext
-from .responses import chunk, ttc_object, usage_chunk
+from .responses import chunk, system_fingerprint, ttc_object, usage_chunk
 
 # Fields that do not change the generated text (streaming shape is replayed, not cached separately).
-_NOT_IN_KEY = {"stream", "stream_options", "user"}
+_NOT_IN_KEY = {"stream", "stream_options", "user"} | IGNORED_FIELDS
 
 
 class ResponseCache:
@@ -58,6 +59,9 @@ class ResponseCache:
             ctx.cache_status = "miss"
             return None
         ctx.cache_status = "hit"
+        # A replay is a new answer: its own id and time (clients key logs and dedup on them).
+        body["id"], body["created"] = ctx.response_id, ctx.created
+        body["system_fingerprint"] = system_fingerprint(str(body.get("model", "")))
         body["usage"]["flops"] = 0.0
         body["ttc"] = ttc_object(body.get("ttc", {}).get("strategy", ctx.strategy), ctx.meter, cache="hit")
         return body
@@ -77,7 +81,13 @@ def replay_stream(ctx: RequestContext, body: dict[str, Any], include_usage: bool
         rid, model = body["id"], body["model"]
         if ctx.route == "chat":
             yield sse.event(chunk(ctx, rid, model, role=True, content=""))
-        yield sse.event(chunk(ctx, rid, model, content=text))
+        if text:
+            yield sse.event(chunk(ctx, rid, model, content=text))
+        calls = choice["message"].get("tool_calls") if ctx.route == "chat" else None
+        if calls:
+            piece = chunk(ctx, rid, model)
+            piece["choices"][0]["delta"] = {"tool_calls": [dict(c, index=i) for i, c in enumerate(calls)]}
+            yield sse.event(piece)
         yield sse.event(chunk(ctx, rid, model, finish_reason=choice.get("finish_reason") or "stop"))
         if include_usage:
             yield sse.event(usage_chunk(ctx, rid, model, body["usage"], body["ttc"]))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+from functools import lru_cache
 from typing import Any
 
 from ..metering import Meter
@@ -11,6 +13,30 @@ from .quota import flops_int
 # vLLM-only fields that are null unless asked for; dropped so responses look like OpenAI's.
 _VLLM_NULL_FIELDS = ("token_ids", "prompt_token_ids", "prompt_logprobs", "routed_experts", "kv_transfer_params",
                      "prompt_text", "ec_transfer_params", "metrics", "service_tier")
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("ttc-gateway")
+    except Exception:
+        return "0"
+
+
+@lru_cache(maxsize=16)
+def system_fingerprint(model: str) -> str:
+    """One fingerprint for every answer of this gateway version and model, searches and pass-through alike (vLLM's
+    own names the engine build only, and only on non-streamed pass-through answers)."""
+    return "fp_ttc_" + hashlib.sha256(f"{model}|{_version()}".encode()).hexdigest()[:12]
+
+
+def with_fingerprint(data: str, model: str) -> bytes:
+    """A streamed upstream chunk with the fingerprint added, without re-encoding the JSON (the hot path)."""
+    raw = data.encode()
+    if raw.startswith(b"{") and b'"system_fingerprint"' not in raw:
+        return b'{"system_fingerprint":"' + system_fingerprint(model).encode() + b'",' + raw[1:]
+    return raw
 
 
 def ttc_object(strategy: str, meter: Meter, **extra: Any) -> dict[str, Any]:
@@ -75,6 +101,7 @@ def decorate_upstream(body: dict[str, Any], ctx: RequestContext, strategy: str, 
         for key in _VLLM_NULL_FIELDS:
             if key in choice and choice[key] is None:
                 del choice[key]
+    body["system_fingerprint"] = system_fingerprint(str(body.get("model", "")))
     usage = body.get("usage") or {}
     usage["flops"] = ctx.meter.total_flops
     if usage.get("prompt_tokens_details") is None:
@@ -90,6 +117,7 @@ def chat_response(ctx: RequestContext, model: str, text: str, finish_reason: str
                   usage: dict[str, Any]) -> dict[str, Any]:
     return {
         "id": ctx.response_id, "object": "chat.completion", "created": ctx.created, "model": model,
+        "system_fingerprint": system_fingerprint(model),
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                      "finish_reason": finish_reason}],
         "usage": usage, "ttc": ttc,
@@ -100,6 +128,7 @@ def completion_response(ctx: RequestContext, model: str, text: str, finish_reaso
                         usage: dict[str, Any]) -> dict[str, Any]:
     return {
         "id": ctx.response_id, "object": "text_completion", "created": ctx.created, "model": model,
+        "system_fingerprint": system_fingerprint(model),
         "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
         "usage": usage, "ttc": ttc,
     }
@@ -119,11 +148,12 @@ def chunk(ctx: RequestContext, response_id: str, model: str, *, content: str | N
     else:
         choice = {"index": 0, "text": content or "", "logprobs": None, "finish_reason": finish_reason}
         obj = "text_completion"
-    return {"id": response_id, "object": obj, "created": ctx.created, "model": model, "choices": [choice]}
+    return {"id": response_id, "object": obj, "created": ctx.created, "model": model,
+            "system_fingerprint": system_fingerprint(model), "choices": [choice]}
 
 
 def usage_chunk(ctx: RequestContext, response_id: str, model: str, usage: dict[str, Any],
                 ttc: dict[str, Any]) -> dict[str, Any]:
     obj = "chat.completion.chunk" if ctx.route == "chat" else "text_completion"
-    return {"id": response_id, "object": obj, "created": ctx.created, "model": model, "choices": [],
-            "usage": usage, "ttc": ttc}
+    return {"id": response_id, "object": obj, "created": ctx.created, "model": model,
+            "system_fingerprint": system_fingerprint(model), "choices": [], "usage": usage, "ttc": ttc}

@@ -37,8 +37,10 @@ class SampleReusingPolicy:
     async def generate(self, prompts: Sequence[str], params: SamplingParams, n: int = 1) -> list[list[Completion]]:
         if len(prompts) != 1 or params.seed is not None or params.temperature == 0:
             return await self.inner.generate(prompts, params, n)
+        # The request's extras (guided decoding, top_k, ...) shape the samples too: they are part of the pool's key.
         key = samples_key(self.tenant, {"model": self.inner.client.model, "prompt": prompts[0],
-                                        **{f.name: getattr(params, f.name) for f in dataclasses.fields(params)}})
+                                        **{f.name: getattr(params, f.name) for f in dataclasses.fields(params)},
+                                        **({"extra": self.inner.extra_body} if self.inner.extra_body else {})})
         pooled = [Completion(**s) for s in await self.store.get_samples(key, n)] if self.read else []
         missing = n - len(pooled)
         fresh = (await self.inner.generate(prompts, params, missing))[0] if missing > 0 else []

@@ -10,7 +10,8 @@ import orjson
 from starlette.responses import Response, StreamingResponse
 
 from ..api.errors import APIError
-from ..api.protocol import ChatCompletionRequest, CompletionRequest
+from ..api.protocol import (ECHOED_MESSAGE_FIELDS, PASSTHROUGH_ONLY_FIELDS, STRATEGY_SAMPLING_FIELDS,
+                            ChatCompletionRequest, CompletionRequest)
 from ..strategies import Strategy
 from ..strategies.base import ComputeBudget, Problem, SamplingParams, StrategyResult
 from ..cache import SampleStore, parse_cache_control
@@ -27,11 +28,46 @@ KEEP_ALIVE_S = 5.0
 DEFAULT_TEMPERATURE = 0.8
 
 
+# Strategies that sample whole answers, so each candidate can be guided to one JSON value; the step-wise searches
+# continue partial texts, which a JSON grammar restarted at every step would not respect.
+STRUCTURED_STRATEGIES = ("best_of_n", "greedy")
+
+
+def check_supported(req: ChatCompletionRequest | CompletionRequest, strategy: str) -> None:
+    """What a strategy cannot honour is a 400 naming the field, never silently dropped."""
+    if getattr(req, "tools", None):
+        raise APIError(400, f"strategy {strategy} does not support tool calls; use strategy none", param="tools",
+                       code="unsupported_parameter")
+    for name in PASSTHROUGH_ONLY_FIELDS:
+        value = getattr(req, name, None)
+        if value is not None and not (name == "tool_choice" and value == "none"):
+            raise APIError(400, f"{name} is not supported with strategy {strategy}; use strategy none", param=name,
+                           code="unsupported_parameter")
+    if req.response_format is not None and req.response_format.structured and strategy not in STRUCTURED_STRATEGIES:
+        raise APIError(400, f"strategy {strategy} does not support response_format (it extends partial answers "
+                            f"step by step); use {', '.join(STRUCTURED_STRATEGIES)} or none",
+                       param="response_format", code="unsupported_parameter")
+
+
+def sampling_extras(req: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
+    """What every engine call of the search carries besides its own parameters: the client's per-token sampling
+    controls and, for structured answers, the same guided decoding."""
+    extra = {name: getattr(req, name) for name in STRATEGY_SAMPLING_FIELDS if getattr(req, name) is not None}
+    if req.response_format is not None and req.response_format.structured:
+        extra["response_format"] = req.response_format.wire()
+    return extra
+
+
 async def build_problem(policy: PolicyClient, ctx: RequestContext, req: ChatCompletionRequest | CompletionRequest,
-                        max_tokens: int) -> Problem:
+                        max_tokens: int) -> tuple[Problem, int]:
+    """The problem and its prompt's token count (what usage.prompt_tokens reports: the prompt, once)."""
     if isinstance(req, ChatCompletionRequest):
-        messages = [m.model_dump(exclude_none=True) for m in req.messages]
-        prompt = await policy.render_chat(messages)
+        messages = [m.model_dump(exclude_none=True, exclude=set(ECHOED_MESSAGE_FIELDS)) for m in req.messages]
+        # The worker's own chat template, exactly what vLLM's chat endpoint would feed the model.
+        tok = await policy.pool.post_json("/tokenize", {"model": policy.model, "messages": messages,
+                                                        "add_generation_prompt": True})
+        text = await policy.pool.post_json("/detokenize", {"model": policy.model, "tokens": tok["tokens"]})
+        prompt, prompt_tokens = text["prompt"], len(tok["tokens"])
         users = [m.text() for m in req.messages if m.role == "user"]
         question = users[-1] if users else req.messages[-1].text()
     else:
@@ -39,9 +75,14 @@ async def build_problem(policy: PolicyClient, ctx: RequestContext, req: ChatComp
         if text is None:
             raise APIError(400, "A ttc strategy takes a single text prompt", param="prompt", code="invalid_value")
         prompt = question = text
-    return Problem(prompt=prompt, question=question, max_tokens=max_tokens,
-                   temperature=DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
-                   top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stop=tuple(req.stop or ()))
+        tok = await policy.pool.post_json("/tokenize", {"model": policy.model, "prompt": prompt})
+        prompt_tokens = int(tok.get("count") or len(tok.get("tokens") or ()))
+    structured = req.response_format is not None and req.response_format.structured
+    problem = Problem(prompt=prompt, question=question, max_tokens=max_tokens,
+                      temperature=DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
+                      top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stop=tuple(req.stop or ()),
+                      structured=structured)
+    return problem, prompt_tokens
 
 
 def result_ttc(ctx: RequestContext, strategy: Strategy, reward_name: str | None, result: StrategyResult,
@@ -63,8 +104,9 @@ async def run(policy_client: PolicyClient, reward: Any, ctx: RequestContext,
     if req.n != 1:
         raise APIError(400, "n must be 1 with a ttc strategy; the number of samples is ttc.n", param="n",
                        code="invalid_value")
-    problem = await build_problem(policy_client, ctx, req, max_tokens)
-    policy = MeteredPolicy(policy_client, ctx.meter)
+    check_supported(req, strategy.name)
+    problem, prompt_tokens = await build_problem(policy_client, ctx, req, max_tokens)
+    policy = MeteredPolicy(policy_client, ctx.meter, sampling_extras(req))
     if sample_store is not None and strategy.name == "best_of_n":
         cc = parse_cache_control(ctx.headers.get("cache-control"))
         policy = SampleReusingPolicy(policy, sample_store, ctx.tenant, samples_ttl_s, read=not cc.no_cache,
@@ -82,18 +124,19 @@ async def run(policy_client: PolicyClient, reward: Any, ctx: RequestContext,
         ctx.budget_exhausted = result.budget_exhausted
         ttc = result_ttc(ctx, strategy, reward_name, result, extra, policy)
         build = chat_response if ctx.route == "chat" else completion_response
-        body = build(ctx, policy_client.model, result.text, result.finish_reason, ttc, usage_block(ctx.meter))
+        usage = usage_block(ctx.meter, prompt_tokens, result.completion_tokens)
+        body = build(ctx, policy_client.model, result.text, result.finish_reason, ttc, usage)
         finish(ctx, 200, False)
         return Response(orjson.dumps(body), media_type="application/json", headers=ttc_headers(ctx))
     events = _stream(policy_client.model, ctx, strategy, problem, policy, reward, budget, req.include_usage,
-                     finish, extra)
+                     finish, extra, prompt_tokens)
     return StreamingResponse(events, media_type="text/event-stream",
                              headers=dict(sse.SSE_HEADERS, **ttc_headers(ctx, flops=False)))
 
 
 async def _stream(model: str, ctx: RequestContext, strategy: Strategy, problem: Problem, policy: Any,
                   reward: Any, budget: ComputeBudget, include_usage: bool, finish: Finish,
-                  extra: dict[str, Any]) -> AsyncIterator[bytes]:
+                  extra: dict[str, Any], prompt_tokens: int) -> AsyncIterator[bytes]:
     queue: asyncio.Queue[str] = asyncio.Queue()
 
     async def progress(text: str) -> None:
@@ -129,7 +172,8 @@ async def _stream(model: str, ctx: RequestContext, strategy: Strategy, problem: 
         yield sse.event(chunk(ctx, rid, model, finish_reason=result.finish_reason))
         if include_usage:
             ttc = result_ttc(ctx, strategy, getattr(reward, "name", None), result, extra, policy)
-            yield sse.event(usage_chunk(ctx, rid, model, usage_block(ctx.meter), ttc))
+            usage = usage_block(ctx.meter, prompt_tokens, result.completion_tokens)
+            yield sse.event(usage_chunk(ctx, rid, model, usage, ttc))
         yield sse.DONE
         status, disconnected = 200, False
     except (WorkerUnavailable, WorkerError) as exc:

@@ -123,6 +123,8 @@ class Problem:
     seed: int | None = None
     # Stop strings the client asked for (end the answer).
     stop: tuple[str, ...] = ()
+    # The answer is a JSON value (every call is under the same guided decoding): candidates vote over parsed values.
+    structured: bool = False
 
 
 # Called with text that every live candidate already shares and that will not change (for streaming).

@@ -12,7 +12,7 @@ from .base import ComputeBudget, Policy, Problem, ProgressCallback, Reward, Stra
 from .calls import build_result, empty_result, start_sampling
 from .params import DEFAULT_STEP_DELIMITER, BestOfNParams
 from .steps import split_steps
-from .voting import Candidate, aggregate_scores, select_async
+from .voting import Candidate, aggregate_scores, extract_answer, json_answer, json_equal, select_async
 
 
 class BestOfN:
@@ -38,7 +38,8 @@ class BestOfN:
         out = await calls.generate([problem.prompt], sampling, n)
         if out is None:  # the meter moved between the check and the call (another request's worker time)
             return empty_result(calls)
-        candidates = [Candidate.of(c.text, 1.0, c.finish_reason, c.token_count) for c in out[0]]
+        extract = json_answer if problem.structured else extract_answer
+        candidates = [Candidate.of(c.text, 1.0, c.finish_reason, c.token_count, extract) for c in out[0]]
 
         selection = p.selection
         if selection != "majority":
@@ -49,6 +50,6 @@ class BestOfN:
             else:
                 for candidate, row in zip(candidates, scores):
                     candidate.score = aggregate_scores(row, p.aggregation)
-        choice = await select_async(candidates, selection)
+        choice = await select_async(candidates, selection, json_equal if problem.structured else None)
         return build_result(calls, choice, p.selection, DEFAULT_STEP_DELIMITER, len(candidates),
                             selection_used=selection, n_used=n)

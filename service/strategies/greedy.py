@@ -5,7 +5,7 @@ from __future__ import annotations
 from .base import ComputeBudget, Policy, Problem, ProgressCallback, Reward, SamplingParams, StrategyResult
 from .calls import BudgetedCalls, build_result, empty_result
 from .params import DEFAULT_STEP_DELIMITER, GreedyParams
-from .voting import Candidate, select
+from .voting import Candidate, extract_answer, json_answer, select
 
 
 class Greedy:
@@ -23,5 +23,6 @@ class Greedy:
         if out is None:
             return empty_result(calls)
         completion = out[0][0]
-        candidate = Candidate.of(completion.text, 1.0, completion.finish_reason, completion.token_count)
+        extract = json_answer if problem.structured else extract_answer
+        candidate = Candidate.of(completion.text, 1.0, completion.finish_reason, completion.token_count, extract)
         return build_result(calls, select([candidate], "best"), "best", DEFAULT_STEP_DELIMITER, 1)

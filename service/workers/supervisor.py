@@ -34,6 +34,18 @@ def step_pooling_args(fmt: str, step_tag_id: int) -> list[str]:
             '{"classifier_from_token": ["+", "-"], "method": "no_post_processing"}', "--pooler-config", pooler]
 
 
+# SmolLM2-Instruct's shipped template ignores `tools`; this one renders them Hermes-style (and nothing else changes).
+BUNDLED_TOOL_TEMPLATE = Path(__file__).resolve().parents[1] / "data" / "smollm2_tools.jinja"
+
+
+def tool_calling_args(parser: str, chat_template: str, strict_level: str = "auto") -> list[str]:
+    """vLLM arguments that let a policy worker take `tools` with tool_choice "auto" and parse the calls."""
+    args = ["--enable-auto-tool-choice", "--tool-call-parser", parser] if parser else []
+    if parser and strict_level != "auto":
+        args += ["--tool-strict-level", strict_level]
+    return args + (["--chat-template", chat_template] if chat_template else [])
+
+
 @dataclass
 class WorkerSpec:
     role: str  # "policy" or "reward"
