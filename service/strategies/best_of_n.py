@@ -9,7 +9,9 @@ the vote falls back to majority (details["selection_used"]).
 log-probabilities (same engine call, no verifier, zero reward FLOPs), each gets a trace confidence, the eta % most
 confident are kept and vote weighted by confidence. The online mode's stopping threshold (from the first `warmup`
 samples) is computed and reported with the tokens it would have saved (details["online"]); the samples are not
-actually cut short, because one n=N vLLM request cannot abort single sequences.
+actually cut short, because one n=N vLLM request cannot abort single sequences. With `consensus` < 1, sampling is
+adaptive (DeepConf's other online saving): batches of `warmup` samples until the confidence-weighted vote is
+settled, so easy questions stop after a batch or two and pay only for what was drawn.
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from service.rewards.confidence import first_stop, token_confidences, trace_confidence, warmup_threshold
+from service.rewards.confidence import consensus, first_stop, token_confidences, trace_confidence, warmup_threshold
 
 from .base import Completion, ComputeBudget, Policy, Problem, ProgressCallback, Reward, StrategyResult
 from .calls import build_result, empty_result, start_sampling
 from .params import DEFAULT_STEP_DELIMITER, BestOfNParams
 from .steps import split_steps
-from .voting import Candidate, aggregate_scores, select_async
+from .voting import Candidate, aggregate_scores, group_by_answer, select_async
 
 
 class BestOfN:
@@ -48,12 +50,17 @@ class BestOfN:
         if n == 0:
             return empty_result(calls)
         calls.exhausted = n < p.n
-        out = await calls.generate([problem.prompt], sampling, n)
+        adaptive = None
+        if p.selection == "confidence" and p.consensus < 1.0:
+            samples, adaptive = await self._adaptive(calls, problem, sampling, n)
+            out = [samples] if samples else None
+        else:
+            out = await calls.generate([problem.prompt], sampling, n)
         if out is None:  # the meter moved between the check and the call (another request's worker time)
             return empty_result(calls)
         candidates = [Candidate.of(c.text, 1.0, c.finish_reason, c.token_count) for c in out[0]]
         if p.selection == "confidence":
-            return await self._confidence_vote(calls, out[0], candidates, n)
+            return await self._confidence_vote(calls, out[0], candidates, n, adaptive)
 
         selection = p.selection
         if selection != "majority":
@@ -68,8 +75,32 @@ class BestOfN:
         return build_result(calls, choice, p.selection, DEFAULT_STEP_DELIMITER, len(candidates),
                             selection_used=selection, n_used=n)
 
+    async def _adaptive(self, calls, problem: Problem, sampling, n: int) -> tuple[list[Completion], dict]:
+        """DeepConf's adaptive sampling: batches of `warmup` samples until the confidence-weighted vote is settled
+        (the leading answer's share >= `consensus`) or n samples are drawn. After the warm-up batch, only samples
+        whose lowest group confidence reaches the warm-up threshold vote (the ones online stopping would keep)."""
+        p = self.params
+        samples: list[Completion] = []
+        threshold, share = None, 0.0
+        while len(samples) < n:
+            out = await calls.generate([problem.prompt], sampling, min(p.warmup, n - len(samples)))
+            if out is None:
+                break
+            samples += out[0]
+            lowest = [trace_confidence(token_confidences(c), "lowest_group", p.confidence_window) for c in samples]
+            if threshold is None:
+                threshold = warmup_threshold(lowest, p.eta) if lowest else 0.0
+            voters = [Candidate.of(c.text, conf) for k, (c, conf) in enumerate(zip(samples, lowest))
+                      if k < p.warmup or conf >= threshold]
+            weights = {str(g[0]): sum(voters[i].score for i in g) for g in group_by_answer(voters)}
+            share = consensus(weights) if weights else 0.0
+            if share >= p.consensus:
+                break
+        return samples, {"samples": len(samples), "consensus": round(share, 4), "settled": share >= p.consensus,
+                         "batches": calls.generate_calls}
+
     async def _confidence_vote(self, calls, samples: list[Completion], candidates: list[Candidate],
-                               n: int) -> StrategyResult:
+                               n: int, adaptive: dict | None = None) -> StrategyResult:
         p = self.params
         traces = [token_confidences(c) for c in samples]
         for candidate, conf in zip(candidates, traces):
@@ -80,7 +111,7 @@ class BestOfN:
         choice = await select_async(kept, "weighted")
         return build_result(calls, choice, p.selection, DEFAULT_STEP_DELIMITER, len(kept), selection_used="confidence",
                             n_used=n, confidences=[round(c.score, 4) for c in candidates[:16]],
-                            online=self._online(traces, samples))
+                            online=self._online(traces, samples), **({"adaptive": adaptive} if adaptive else {}))
 
     def _online(self, traces: list[list[float]], samples: list[Completion]) -> dict:
         """What online early termination would have done with these samples: the warm-up threshold and the tokens

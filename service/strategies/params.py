@@ -76,6 +76,9 @@ class BestOfNParams(_Sampled):
     top_logprobs: int = Field(20, ge=1, le=20, strict=True)
     # Online threshold (reported, see best_of_n): set from this many first samples at the eta percentile.
     warmup: int = Field(4, ge=1, strict=True)
+    # Adaptive sampling: stop drawing batches of `warmup` samples once the leading answer holds this share of the
+    # confidence-weighted vote (DeepConf's tau, 0.95 in the paper); 1 = draw all n in one call.
+    consensus: float = Field(1.0, gt=0.5, le=1.0)
 
 
 class _Beamed(_Stepped):

@@ -126,3 +126,26 @@ def test_confidence_parameters_are_validated_by_name():
         with pytest.raises(StrategyParamError) as exc:
             build_strategy("best_of_n", params)
         assert exc.value.param == field
+
+
+async def test_adaptive_sampling_stops_when_the_vote_is_settled():
+    # All samples agree: the first batch of 2 settles the vote, 6 of the 8 samples are never drawn.
+    policy = FakePolicy(round_robin([SURE]))
+    strategy = build_strategy("best_of_n", {"n": 8, "selection": "confidence", "warmup": 2, "consensus": 0.95})
+    result = await strategy.run(PROBLEM, policy, None, FlopMeter().budget(None))
+    assert result.answer == "1" and result.samples == 2 and len(policy.calls) == 1
+    assert result.details["adaptive"] == {"samples": 2, "consensus": 1.0, "settled": True, "batches": 1}
+    # Disagreement keeps sampling to n, in batches of `warmup`.
+    policy = FakePolicy(round_robin([SURE, UNSURE]))
+    result = await strategy.run(PROBLEM, policy, None, FlopMeter().budget(None))
+    assert result.samples == 8 and len(policy.calls) == 4 and result.details["adaptive"]["settled"] is False
+    assert result.answer == "1"
+
+
+@pytest.mark.parametrize("limit", [30.0, 80.0, 200.0])
+async def test_adaptive_sampling_stays_within_the_budget(limit):
+    meter = FlopMeter()
+    policy = FakePolicy(round_robin([SURE, UNSURE]), meter)
+    strategy = build_strategy("best_of_n", {"n": 8, "selection": "confidence", "warmup": 2, "consensus": 0.95})
+    result = await strategy.run(PROBLEM, policy, None, meter.budget(limit))
+    assert meter.total <= limit and result.samples <= 8
