@@ -72,7 +72,12 @@ class Policy(Protocol):
 
 
 class Reward(Protocol):
-    """Scores the steps of candidate solutions of one question; scores lie in [0, 1], higher is better."""
+    """Scores the steps of candidate solutions of one question; scores lie in [0, 1], higher is better.
+
+    Optional hook: `wrap_policy(policy) -> Policy`. A reward that reads the samples themselves (confidence: their
+    token log-probabilities) returns a policy that asks for what it needs and records it; BudgetedCalls applies it,
+    so every strategy's engine calls go through it.
+    """
 
     name: str
 
