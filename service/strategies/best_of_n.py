@@ -17,6 +17,7 @@ settled, so easy questions stop after a batch or two and pay only for what was d
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import replace
 
 from service.rewards.confidence import consensus, first_stop, token_confidences, trace_confidence, warmup_threshold
@@ -82,8 +83,13 @@ class BestOfN:
         p = self.params
         samples: list[Completion] = []
         threshold, share = None, 0.0
+        rng = random.Random()
         while len(samples) < n:
-            out = await calls.generate([problem.prompt], sampling, min(p.warmup, n - len(samples)))
+            # Every batch must be new samples. A seeded request gets a derived seed per call (BudgetedCalls); an
+            # unseeded one gets a fresh seed here, which also keeps the gateway's sample reuse (same prompt and
+            # parameters -> the same pooled samples) from handing every batch the same ones.
+            params = sampling if problem.seed is not None else replace(sampling, seed=rng.randrange(2**31))
+            out = await calls.generate([problem.prompt], params, min(p.warmup, n - len(samples)))
             if out is None:
                 break
             samples += out[0]

@@ -161,3 +161,14 @@ def test_vllm_logprobs_block_becomes_top_k_and_relative_offsets():
     fields = _top_logprobs(lp, 2)
     assert fields == {"top_logprobs": [[-0.1, -2.5], [-0.5, -1.0]], "token_offsets": [0, 2]}
     assert _top_logprobs({"text_offset": [40, 42], "top_logprobs": [{}, None]}, 2)["token_offsets"] == [0, 2]
+
+
+async def test_adaptive_batches_are_new_samples_without_a_request_seed():
+    # Without a request seed every batch gets its own seed: the gateway's sample reuse, keyed by the sampling
+    # parameters, would otherwise hand each batch the same pooled samples.
+    policy = FakePolicy(round_robin([SURE, UNSURE]))
+    strategy = build_strategy("best_of_n", {"n": 6, "selection": "confidence", "warmup": 2, "consensus": 0.99})
+    unseeded = Problem(prompt=BASE_PROMPT, question="Q", max_tokens=60)
+    await strategy.run(unseeded, policy, None, FlopMeter().budget(None))
+    seeds = [call.params.seed for call in policy.calls]
+    assert len(seeds) == 3 and None not in seeds and len(set(seeds)) == 3

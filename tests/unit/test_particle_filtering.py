@@ -6,7 +6,8 @@ from service.strategies import StrategyParamError, build_strategy
 from service.strategies.base import Problem
 from service.strategies.particle_filtering import effective_sample_size, group_copies, particle_weights, resample
 from service.strategies.steps import Node
-from tests.unit.fakes import BASE_PROMPT, FakeMultiPolicy, FakePolicy, FakeReward, FlopMeter, random_solutions, round_robin
+from tests.unit.fakes import (BASE_PROMPT, FakeMultiPolicy, FakePolicy, FakeReward, FlopMeter, random_solutions,
+                              round_robin)
 
 PROBLEM = Problem(prompt=BASE_PROMPT, question="Q", max_tokens=60, seed=1)
 
