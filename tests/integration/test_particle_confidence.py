@@ -17,8 +17,11 @@ PF = {"strategy": "particle_filtering", "n": 4, "max_rounds": 4}
 CONF = {"strategy": "best_of_n", "n": 4, "selection": "confidence", "eta": 50, "warmup": 2}
 
 
-def _post(url: str, model: str, ttc: dict, budget: float | None = None, seed: int = 7, **extra) -> httpx.Response:
-    body = {"model": model, "messages": MESSAGES, "max_tokens": 48, "seed": seed, "ttc": ttc, **extra}
+def _post(url: str, model: str, ttc: dict, budget: float | None = None, seed: int | None = 7,
+          **extra) -> httpx.Response:
+    body = {"model": model, "messages": MESSAGES, "max_tokens": 48, "ttc": ttc, **extra}
+    if seed is not None:
+        body["seed"] = seed
     headers = {"X-TTC-Budget-FLOPs": f"{budget}"} if budget else {}
     return httpx.post(url + "/v1/chat/completions", json=body, headers=headers, timeout=300)
 
@@ -75,6 +78,12 @@ def test_confidence_selection_costs_no_reward_flops(base_url, model_name):
     assert details["online"]["threshold"] is not None
     text, usage = _stream(base_url, model_name, CONF, budget, seed=11)
     assert text and usage["usage"]["flops"] <= budget and usage["ttc"]["details"]["selection_used"] == "confidence"
+    # Adaptive: batches of 2 until the confidence-weighted vote is settled; metered by what was drawn.
+    r = _post(base_url, model_name, dict(CONF, n=8, consensus=0.9), budget, seed=None)
+    assert r.status_code == 200, r.text
+    adaptive = r.json()["ttc"]["details"]["adaptive"]
+    assert 2 <= adaptive["samples"] <= 8 and adaptive["batches"] == adaptive["samples"] // 2
+    assert r.json()["ttc"]["samples"] == adaptive["samples"] and float(r.headers["x-ttc-flops"]) <= budget
 
 
 @pytest.mark.parametrize("backend", ["confidence", "confidence*arith", "prm*confidence"])
