@@ -126,6 +126,28 @@ def vote(samples: list[dict[str, Any]], how: str, eta: float = 100.0) -> bool:
     return next(s["correct"] for s in samples if s["answer"] == chosen.answer) if chosen.answer else False
 
 
+def adaptive_replay(samples: list[dict[str, Any]], tau: float, warmup: int = 2, eta: float = 90) -> list[dict]:
+    """The samples best_of_n's adaptive confidence mode would have drawn (batches of `warmup`, see best_of_n.py)."""
+    from service.rewards.confidence import consensus, warmup_threshold
+    from service.strategies.voting import answers_equivalent
+
+    drawn: list[dict[str, Any]] = []
+    threshold = None
+    while len(drawn) < len(samples):
+        drawn = samples[: len(drawn) + warmup]
+        if threshold is None:
+            threshold = warmup_threshold([s["conf_lowest_group"] for s in drawn], eta)
+        weights: dict[str, float] = {}
+        for k, s in enumerate(drawn):
+            if s["answer"] is None or (k >= warmup and s["conf_lowest_group"] < threshold):
+                continue
+            key = next((a for a in weights if answers_equivalent(a, s["answer"])), s["answer"])
+            weights[key] = weights.get(key, 0.0) + s["conf_lowest_group"]
+        if weights and consensus(weights) >= tau:
+            break
+    return drawn
+
+
 def report(rows: list[dict[str, Any]], done: dict) -> dict[str, Any]:
     ids = [r["id"] for r in rows if (r["id"], "draw") in done]
     table: dict[str, dict[str, float]] = {}
@@ -146,6 +168,16 @@ def report(rows: list[dict[str, Any]], done: dict) -> dict[str, Any]:
             k = sum(r["correct"] for r in recs)
             table[label] = {"accuracy": k / len(recs), "ci95": wilson(k, len(recs)),
                             "mean_flops": sum(r["flops"] for r in recs) / len(recs), "problems": len(recs)}
+    for tau in (0.8, 0.95):  # adaptive sampling replayed on the recorded draws (the strategy's rule)
+        used, hits = [], []
+        for i in ids:
+            drawn = adaptive_replay(done[(i, "draw")]["samples"], tau)
+            used.append(len(drawn))
+            hits.append(vote(drawn, "confidence", 90))
+        table[f"best_of_n n<=8 confidence eta=90 adaptive tau={tau} (replay, warmup 2)"] = {
+            "accuracy": sum(hits) / len(ids), "ci95": wilson(sum(hits), len(ids)), "mean_samples": sum(used) / len(ids),
+            "mean_flops": sum(done[(i, "draw")]["flops"] * u / N_DRAW for i, u in zip(ids, used)) / len(ids),
+            "problems": len(ids)}
     samples = [s for i in ids for s in done[(i, "draw")]["samples"]]
     aurocs: dict[str, dict[str, Any]] = {}
     for score in SCORES:
