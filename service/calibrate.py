@@ -40,7 +40,9 @@ def _cfg(strategy: str, generations: int, **params: Any) -> Config:
 # generations' worth of FLOPs here): beam search M = sqrt(N) (N=4, M=2) and M = 4 (N=8); DVTS N=4, M=2; REBASE N=4
 # and 8; revisions N=4 with 2 sequential x 2 parallel. Pruned: lookahead (beam N=4, M=2, k=1) and DVTS N=8, M=4
 # (both run in a first attempt; too slow for the time available), and every N=16 search.
-# Best-of-N (majority and weighted, N = 1..16) comes from the shared n=16 draw.
+# Particle filtering N=4 joined the grid with issue 16 (the shipped table was calibrated before it).
+# Best-of-N (majority and weighted, N = 1..16) comes from the shared n=16 draw; it is also rescored by the
+# confidence verifier (its top-k log-probabilities come with the draw).
 SEARCH_GRID: tuple[Config, ...] = (
     _cfg("beam_search", 4, n=4, beam_width=2, lookahead=0),
     _cfg("beam_search", 8, n=8, beam_width=4, lookahead=0),
@@ -48,6 +50,7 @@ SEARCH_GRID: tuple[Config, ...] = (
     _cfg("rebase", 4, n=4),
     _cfg("rebase", 8, n=8),
     _cfg("revisions", 4, n=4, chain_length=2),
+    _cfg("particle_filtering", 4, n=4),
 )
 # The N = 4 searches only: what an AVX2-only 2-core host (float32, ~60 tok/s aggregate) can run over ~100 problems.
 LEAN_GRID: tuple[Config, ...] = tuple(c for c in SEARCH_GRID if c.params_dict["n"] == 4)
@@ -169,9 +172,15 @@ class GridRunner:
                     "question_charge": charge}
 
             async def bon() -> None:
+                from .rewards import ConfidenceReward
+
                 meter = Meter()
-                policy = MeteredPolicy(self.gw.policy, meter)
                 reward = self.gw.reward_for(meter, "calibration")
+                # The draw comes back with its top-k log-probabilities (same call, no FLOPs), so the confidence
+                # verifier rescores it like the others.
+                confidence = ConfidenceReward()
+                policy: Any = confidence.wrap_policy(MeteredPolicy(self.gw.policy, meter))
+                policy = getattr(reward, "wrap_policy", lambda x: x)(policy)
                 t0 = time.monotonic()
                 out = (await policy.generate([prompt], SamplingParams(max_tokens=self.max_tokens,
                                                                       temperature=TEMPERATURE), self.bon_n))[0]
@@ -180,7 +189,10 @@ class GridRunner:
                 scores = await reward.score(row["question"], steps)
                 # The same draw scored by every backend (the calculator is free; the PRM only when it is
                 # configured): bench reports best-of-N and the bon-only router per backend without new samples.
-                by_backend = {"arith": await ArithmeticReward().score(row["question"], steps)}
+                by_backend = {"arith": await ArithmeticReward().score(row["question"], steps),
+                              "confidence": await confidence.score(row["question"], steps)}
+                by_backend["confidence*arith"] = [[x * y for x, y in zip(a, b)] for a, b in
+                                                  zip(by_backend["confidence"], by_backend["arith"])]
                 if "prm" in self.reward_backend and self.gw.prm is not None:
                     by_backend["prm"] = await self.gw.prm.score(row["question"], steps)
                     by_backend["prm*arith"] = [[x * y for x, y in zip(a, b)]

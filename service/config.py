@@ -104,6 +104,21 @@ class RewardPoolSettings(WorkerPoolSettings):
     good_index: int | None = None
 
 
+class ConfidenceSettings(BaseModel):
+    """The `confidence` verifier (DeepConf, service/rewards/confidence.py): zero FLOPs, from the policy's top-k
+    token log-probabilities returned with the samples."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metric: Literal["lowest_group", "bottom10", "tail", "mean"] = "lowest_group"
+    # The paper's 2,048-token windows fit its long traces; the bundled model's answers are 30-150 tokens.
+    window: int = Field(32, ge=1)
+    tail: int = Field(32, ge=1)
+    top_k: int = Field(20, ge=1, le=20)
+    # Step score = C / (C + scale) (C: the metric, in nats): monotone, so only products with other verifiers see it.
+    scale: float = Field(5.0, gt=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="TTC_", env_nested_delimiter="__", extra="forbid", validate_default=True
@@ -132,8 +147,11 @@ class Settings(BaseSettings):
     # Strategy for requests that name none ("none" = plain pass-through to the policy worker).
     default_strategy: str = "none"
     # Step verifier for search strategies: "arith" (calculator, no model), "prm" (learned head on the reward worker)
-    # or "prm*arith" (both, step scores multiplied).
-    reward_backend: Literal["arith", "prm", "prm*arith"] = "prm*arith"
+    # or "prm*arith" (both, step scores multiplied); "confidence" (the policy's own token confidence, DeepConf) alone
+    # or multiplied with either.
+    reward_backend: Literal["arith", "prm", "prm*arith", "confidence", "confidence*arith", "prm*confidence"] = \
+        "prm*arith"
+    confidence: ConfidenceSettings = Field(default_factory=ConfidenceSettings)
 
     # Budgets (X-TTC-Budget-* headers or the body's ttc object). Defaults apply when a request names none; caps
     # bound what any request may ask for. Per-key policies (by sha256 of the key) tighten both.

@@ -13,7 +13,7 @@ from .cache import SampleStore, build_cache
 from .config import RewardPoolSettings, Settings, WorkerPoolSettings
 from .metering import Meter, ModelShape
 from .metrics import Metrics
-from .rewards import ArithmeticReward, ProductReward
+from .rewards import ArithmeticReward, ConfidenceReward, ProductReward
 from .router.table import load as load_table
 from .serving.admission import Admission
 from .serving.quota import FlopsQuota
@@ -132,13 +132,19 @@ class Gateway:
         return tool_calling_args(parser, template, p.tool_strict_level)
 
     def reward_for(self, meter: Meter, tenant: str) -> Reward:
-        """The configured step verifier, metered into this request's meter."""
-        backend = self.settings.reward_backend
-        if backend == "arith":
-            return ArithmeticReward()
-        assert self.prm is not None
-        prm = MeteredPRM(self.prm, meter, tenant)
-        return prm if backend == "prm" else ProductReward(prm, ArithmeticReward())
+        """The configured step verifier, metered into this request's meter ("a*b": step scores multiplied)."""
+        parts: list[Reward] = []
+        for name in self.settings.reward_backend.split("*"):
+            if name == "arith":
+                parts.append(ArithmeticReward())
+            elif name == "confidence":
+                # Per request: its ledger holds this request's samples' log-probabilities.
+                c = self.settings.confidence
+                parts.append(ConfidenceReward(c.metric, c.window, c.tail, c.top_k, c.scale))
+            else:
+                assert self.prm is not None
+                parts.append(MeteredPRM(self.prm, meter, tenant))
+        return parts[0] if len(parts) == 1 else ProductReward(parts[0], parts[1])
 
     @property
     def pools(self) -> list[WorkerPool]:

@@ -25,5 +25,12 @@ class ProductReward:
             combined.append([x * y for x, y in zip(row_a, row_b)])
         return combined
 
+    def wrap_policy(self, policy):
+        """Either side may need to see the samples (confidence reads their log-probabilities)."""
+        for reward in (self.a, self.b):
+            wrap = getattr(reward, "wrap_policy", None)
+            policy = wrap(policy) if wrap is not None else policy
+        return policy
+
     def estimate_flops(self, question: str, candidates: Sequence[Sequence[str]]) -> float:
         return self.a.estimate_flops(question, candidates) + self.b.estimate_flops(question, candidates)

@@ -21,11 +21,13 @@ from .params import (
     BestOfNParams,
     DVTSParams,
     GreedyParams,
+    ParticleFilteringParams,
     RebaseParams,
     RevisionsParams,
     StrategyParamError,
     validate_params,
 )
+from .particle_filtering import ParticleFiltering
 from .rebase import Rebase
 from .revisions import Revisions
 
@@ -45,6 +47,7 @@ STRATEGIES: dict[str, type] = {
     "beam_search": BeamSearch,
     "dvts": DVTS,
     "rebase": Rebase,
+    "particle_filtering": ParticleFiltering,
     "revisions": Revisions,
 }
 
@@ -54,6 +57,7 @@ PARAMS: dict[str, type] = {
     "beam_search": BeamSearchParams,
     "dvts": DVTSParams,
     "rebase": RebaseParams,
+    "particle_filtering": ParticleFilteringParams,
     "revisions": RevisionsParams,
 }
 

@@ -21,6 +21,8 @@ class SamplingParams:
     seed: int | None = None
     # Ask for the log-probability of each sampled token (Completion.token_logprobs).
     logprobs: bool = False
+    # Ask for the top-k log-probabilities at every sampled position (Completion.top_logprobs): DeepConf's confidence.
+    top_logprobs: int = 0
 
 
 @dataclass
@@ -34,6 +36,10 @@ class Completion:
     # The stop string that ended it, when a stop string did (it is not part of `text`).
     stop_reason: str | None = None
     token_logprobs: list[float] | None = None
+    # With SamplingParams.top_logprobs = k: per generated token its k largest log-probabilities (descending), and
+    # where the token starts in `text` (character offset), so a step of the text can be mapped back to its tokens.
+    top_logprobs: list[list[float]] | None = None
+    token_offsets: list[int] | None = None
 
     @property
     def hit_eos(self) -> bool:
@@ -70,7 +76,12 @@ class Policy(Protocol):
 
 
 class Reward(Protocol):
-    """Scores the steps of candidate solutions of one question; scores lie in [0, 1], higher is better."""
+    """Scores the steps of candidate solutions of one question; scores lie in [0, 1], higher is better.
+
+    Optional hook: `wrap_policy(policy) -> Policy`. A reward that reads the samples themselves (confidence: their
+    token log-probabilities) returns a policy that asks for what it needs and records it; BudgetedCalls applies it,
+    so every strategy's engine calls go through it.
+    """
 
     name: str
 

@@ -19,7 +19,9 @@ from .voting import Candidate, Choice, aggregate_scores, select, select_async
 
 class BudgetedCalls:
     def __init__(self, policy: Policy, reward: Reward | None, budget: ComputeBudget, seed: int | None = None):
-        self.policy = policy
+        # A reward that reads the samples themselves (confidence: their log-probabilities) sees every call made here.
+        wrap = getattr(reward, "wrap_policy", None)
+        self.policy = wrap(policy) if wrap is not None else policy
         self.reward = reward
         self.budget = budget
         self.exhausted = False

@@ -60,8 +60,25 @@ class GreedyParams(_Params):
     pass
 
 
+ConfidenceMetric = Literal["lowest_group", "bottom10", "tail", "mean"]
+
+
 class BestOfNParams(_Sampled):
-    pass
+    # "confidence": DeepConf's offline filter and vote on the policy's own token log-probabilities, no verifier.
+    selection: Literal["majority", "best", "weighted", "confidence"] = "weighted"
+    # With selection confidence: keep the eta % most confident samples (DeepConf-low 10, -high 90) and vote over
+    # them weighted by confidence; window, tail and top-k define the confidence (rewards/confidence.py).
+    eta: float = Field(90.0, gt=0.0, le=100.0)
+    confidence_metric: ConfidenceMetric = "lowest_group"
+    # The paper's 2,048-token windows fit its 10k-token traces; the bundled model's answers are 30-150 tokens.
+    confidence_window: int = Field(32, ge=1, le=4096, strict=True)
+    confidence_tail: int = Field(32, ge=1, le=4096, strict=True)
+    top_logprobs: int = Field(20, ge=1, le=20, strict=True)
+    # Online threshold (reported, see best_of_n): set from this many first samples at the eta percentile.
+    warmup: int = Field(4, ge=1, strict=True)
+    # Adaptive sampling: stop drawing batches of `warmup` samples once the leading answer holds this share of the
+    # confidence-weighted vote (DeepConf's tau, 0.95 in the paper); 1 = draw all n in one call.
+    consensus: float = Field(1.0, gt=0.5, le=1.0)
 
 
 class _Beamed(_Stepped):
@@ -95,6 +112,15 @@ class RebaseParams(_Stepped):
     # reported numbers, use 0.2. With scores in [0, 1], 0.1 gives the best node up to e^10 times the width of the
     # worst, close to greedy; 0.2 keeps more diversity. We follow the code.
     balance_temperature: float = Field(0.2, gt=0.0, le=10.0)
+
+
+class ParticleFilteringParams(_Stepped):
+    # Weights are softmax(logit(score) / weight_temperature) over the live particles (Puri et al. 2025); lower is
+    # greedier. (The sampling temperature is `temperature`, as for every strategy.)
+    weight_temperature: float = Field(1.0, gt=0.0, le=100.0)
+    resampling: Literal["multinomial", "systematic"] = "multinomial"
+    # Resample only when the effective sample size falls below this share of the live particles; 1 = every round.
+    ess_threshold: float = Field(1.0, gt=0.0, le=1.0)
 
 
 class RevisionsParams(_Sampled):

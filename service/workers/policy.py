@@ -21,6 +21,16 @@ _TEMPLATE_FIELDS = ("messages", "tools", "chat_template", "chat_template_kwargs"
 _COUNT_CACHE_SIZE = 8192
 
 
+def _top_logprobs(lp: dict[str, Any], k: int) -> dict[str, Any]:
+    """Completion fields from vLLM's completions `logprobs` block: the k largest values per position (vLLM adds the
+    sampled token when it is outside the top k; it is not part of the top k) and character offsets into the text."""
+    tops = [sorted((float(v) for v in (d or {}).values()), reverse=True)[:k] for d in lp.get("top_logprobs") or []]
+    offsets = [int(o) for o in lp.get("text_offset") or []]
+    if offsets:
+        offsets = [o - offsets[0] for o in offsets]  # relative to the start of this completion's text
+    return {"top_logprobs": tops, "token_offsets": offsets or None}
+
+
 class PolicyClient:
     def __init__(self, pool: WorkerPool, shape: ModelShape):
         self.pool = pool
@@ -141,8 +151,8 @@ class MeteredPolicy:
             payload["stop"] = list(params.stop)
         if params.seed is not None:
             payload["seed"] = params.seed
-        if params.logprobs:
-            payload["logprobs"] = 0
+        if params.logprobs or params.top_logprobs:
+            payload["logprobs"] = params.top_logprobs
         payload.update(self.extra_body)
         body = await self.client.pool.post_json("/v1/completions", payload)
         out: list[list[Completion]] = [[] for _ in prompts]
@@ -159,6 +169,7 @@ class MeteredPolicy:
                 token_count=len(token_ids),
                 stop_reason=stop_reason if isinstance(stop_reason, str) else None,
                 token_logprobs=lp.get("token_logprobs") if lp else None,
+                **(_top_logprobs(lp, params.top_logprobs) if params.top_logprobs and lp else {}),
             ))
         self._meter(body.get("usage") or {}, prompts, prompt_lens, out)
         return out

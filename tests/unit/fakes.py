@@ -74,10 +74,16 @@ class Call:
     ns: list[int]
 
 
+def word_confidence(word: str) -> float:
+    """Default fake token confidence (DeepConf's C, in nats): words saying "unsure" are unsure."""
+    return 1.0 if "unsure" in word else 8.0
+
+
 class FakePolicy:
     def __init__(self, continuation: Continuation, meter: FlopMeter | None = None, flops_per_token: float = 1.0,
-                 seed: int = 0):
+                 seed: int = 0, confidence: Callable[[str], float] = word_confidence):
         self.continuation = continuation
+        self.confidence = confidence
         self.meter = meter or FlopMeter()
         self.flops_per_token = flops_per_token
         self.rng = random.Random(seed)
@@ -95,7 +101,12 @@ class FakePolicy:
         if len(words) > params.max_tokens:
             words, finish, stop_reason = words[: params.max_tokens], "length", None
         self.meter.total += (len(tokens(prompt)) + len(words)) * self.flops_per_token
-        return Completion("".join(words), finish, len(words), stop_reason)
+        completion = Completion("".join(words), finish, len(words), stop_reason)
+        if params.top_logprobs:
+            # k equal log-probabilities of -C give token confidence exactly C.
+            completion.top_logprobs = [[-self.confidence(w)] * params.top_logprobs for w in words]
+            completion.token_offsets = [sum(len(x) for x in words[:i]) for i in range(len(words))]
+        return completion
 
     async def generate(self, prompts: Sequence[str], params: SamplingParams, n: int = 1) -> list[list[Completion]]:
         self.calls.append(Call(list(prompts), params, [n] * len(prompts)))

@@ -9,7 +9,8 @@ from tests.unit.fakes import BASE_PROMPT, FakeMultiPolicy, FakeReward, FlopMeter
 
 
 def test_registry_and_defaults():
-    assert set(STRATEGIES) == set(PARAMS) == {"greedy", "best_of_n", "beam_search", "dvts", "rebase", "revisions"}
+    assert set(STRATEGIES) == set(PARAMS) == {"greedy", "best_of_n", "beam_search", "dvts", "rebase", "revisions",
+                                                  "particle_filtering"}
     beam = build_strategy("beam_search", None)
     assert beam.name == "beam_search"
     assert beam.params.model_dump() == {"n": 8, "temperature": None, "selection": "weighted", "aggregation": "last",

@@ -1,0 +1,244 @@
+"""DeepConf (Fu et al. 2025, arXiv 2508.15260): the policy's own confidence as a verifier that costs no FLOPs.
+
+Definitions (the paper's, on the top-k log-probabilities vLLM returns with every sampled token):
+- token confidence      C_i = -(1/k) * sum_j log P_i(j) over the k most likely tokens at position i
+  (a peaked distribution puts the k-1 runners-up far below the winner: high C; a flat one: low C);
+- group confidence      the mean C over a sliding window of `window` tokens (overlapping windows; a trace shorter than
+  one window is one group);
+- lowest group          min over the groups (the trace's weakest stretch; what online early stopping watches);
+- bottom-10% group      mean of the lowest 10% of the groups;
+- tail                  mean C over the last `tail` tokens (the final answer's stretch);
+- mean                  mean C over the whole trace.
+
+As a `Reward`: the score of step j is the chosen metric over the trace's tokens up to the end of step j, squashed
+into [0, 1) by C / (C + scale) (monotone, so rankings and votes only depend on C). Tokens come from a per-request
+`ConfidenceLedger` that the strategy's policy calls fill (`wrap_policy`), so scoring needs no engine call at all.
+A step the ledger never saw (a text no recorded completion contains) scores a neutral 0.5 and is counted in `misses`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Literal, Sequence
+
+from service.strategies.base import Completion, SamplingParams
+
+Metric = Literal["lowest_group", "bottom10", "tail", "mean"]
+METRICS: tuple[str, ...] = ("lowest_group", "bottom10", "tail", "mean")
+# vLLM reports -inf log-probabilities as very large negative numbers; one such entry must not dominate a mean.
+_FLOOR = -100.0
+
+
+def token_confidence(top: Sequence[float]) -> float:
+    if not top:
+        return 0.0
+    return -sum(max(_FLOOR, float(v)) for v in top) / len(top)
+
+
+def token_confidences(completion: Completion) -> list[float]:
+    return [token_confidence(top) for top in completion.top_logprobs or []]
+
+
+def group_confidences(conf: Sequence[float], window: int) -> list[float]:
+    """Means of every full window of `window` consecutive tokens; one group (the whole trace) when it is shorter."""
+    if not conf:
+        return []
+    if len(conf) <= window:
+        return [sum(conf) / len(conf)]
+    prefix = [0.0]
+    for c in conf:
+        prefix.append(prefix[-1] + c)
+    return [(prefix[i + window] - prefix[i]) / window for i in range(len(conf) - window + 1)]
+
+
+def trace_confidence(conf: Sequence[float], metric: str = "lowest_group", window: int = 32, tail: int = 32) -> float:
+    if not conf:
+        return 0.0
+    if metric == "mean":
+        return sum(conf) / len(conf)
+    if metric == "tail":
+        last = conf[-tail:]
+        return sum(last) / len(last)
+    groups = group_confidences(conf, window)
+    if metric == "lowest_group":
+        return min(groups)
+    if metric == "bottom10":
+        worst = sorted(groups)[: max(1, math.ceil(0.1 * len(groups)))]
+        return sum(worst) / len(worst)
+    raise ValueError(f"unknown confidence metric {metric!r}")
+
+
+def squash(confidence: float, scale: float) -> float:
+    return confidence / (confidence + scale) if confidence > 0 else 0.0
+
+
+# --- online early termination (DeepConf's warm-up threshold) ---------------------------------------------------
+
+def warmup_threshold(warmup: Sequence[float], keep_percent: float) -> float:
+    """The stopping threshold from the warm-up traces' lowest group confidences: the (100 - keep_percent)th
+    percentile, so about keep_percent % of traces like them would run to the end (DeepConf-low: 10, -high: 90)."""
+    if not warmup:
+        raise ValueError("the threshold needs at least one warm-up trace")
+    ranked = sorted(warmup)
+    q = (100.0 - keep_percent) / 100.0 * (len(ranked) - 1)  # linear interpolation, numpy's default
+    lo = math.floor(q)
+    hi = min(lo + 1, len(ranked) - 1)
+    return ranked[lo] + (ranked[hi] - ranked[lo]) * (q - lo)
+
+
+def first_stop(conf: Sequence[float], window: int, threshold: float) -> int | None:
+    """Tokens a trace would have generated when stopped online: the first full window whose mean falls below
+    `threshold` ends it (the count includes that window's last token); None when it never falls below."""
+    running = 0.0
+    for i, c in enumerate(conf):
+        running += c
+        if i >= window:
+            running -= conf[i - window]
+        if i >= window - 1 and running / window < threshold:
+            return i + 1
+    return None
+
+
+def consensus(weights: dict[str, float]) -> float:
+    """DeepConf's beta: the leading answer's share of the confidence-weighted vote (adaptive sampling stops at tau)."""
+    total = sum(weights.values())
+    return max(weights.values()) / total if total > 0 else 0.0
+
+
+# --- the ledger: which tokens (and confidences) produced which text ---------------------------------------------
+
+@dataclass
+class _Entry:
+    context: str
+    text: str
+    conf: list[float]
+    offsets: list[int]
+
+    def span(self, start: int, end: int) -> list[float]:
+        """Confidences of the tokens that overlap characters [start, end) of the text."""
+        return [c for k, (c, o) in enumerate(zip(self.conf, self.offsets))
+                if o < end and (self.offsets[k + 1] if k + 1 < len(self.offsets) else len(self.text)) > start]
+
+
+def _offsets(completion: Completion, count: int) -> list[int]:
+    offsets = list(completion.token_offsets or [])
+    if len(offsets) == count:
+        return offsets
+    # No usable offsets: spread the tokens evenly over the text (only the step-to-token mapping gets coarser).
+    return [round(i * len(completion.text) / max(1, count)) for i in range(count)]
+
+
+class ConfidenceLedger:
+    """Per request: every completion generated (its prompt, text and per-token confidences), indexed by its lines."""
+
+    def __init__(self) -> None:
+        self.entries: list[_Entry] = []
+        self._by_line: dict[str, list[_Entry]] = {}
+
+    def record(self, prompt: str, completion: Completion) -> None:
+        conf = token_confidences(completion)
+        if not conf or not completion.text.strip():
+            return
+        entry = _Entry(prompt, completion.text, conf, _offsets(completion, len(conf)))
+        self.entries.append(entry)
+        for line in {ln.strip() for ln in completion.text.splitlines() if ln.strip()}:
+            self._by_line.setdefault(line, []).append(entry)
+
+    def step_tokens(self, steps: Sequence[str]) -> list[list[float] | None]:
+        """Per step, the confidences of its tokens (None when no recorded completion wrote it)."""
+        out: list[list[float] | None] = []
+        for j, step in enumerate(steps):
+            body = step.strip()
+            first = next((ln.strip() for ln in body.splitlines() if ln.strip()), "")
+            found = [e for e in self._by_line.get(first, []) if body in e.text]
+            if not found:
+                out.append(None)
+                continue
+            # Identical text can come from different contexts (other particles); prefer the entry whose context
+            # ends with this candidate's own previous steps, scanned backwards.
+            entry = max(found, key=lambda e: _context_match(e, steps[:j], body))
+            start = entry.text.find(body)
+            out.append(entry.span(start, start + len(body)))
+        return out
+
+
+def _context_match(entry: _Entry, previous: Sequence[str], body: str) -> int:
+    """How many of the candidate's previous steps (last first) the entry's context ends with."""
+    context = (entry.context + entry.text[: entry.text.find(body)]).rstrip()
+    matched = 0
+    for step in reversed(previous):
+        s = step.strip()
+        if not s or not context.endswith(s):
+            break
+        context, matched = context[: -len(s)].rstrip(), matched + 1
+    return matched
+
+
+class RecordingPolicy:
+    """Wraps a request's Policy: asks for top-k log-probabilities with every sample and records them in the ledger.
+    The log-probabilities come back with the samples: no extra engine call and nothing extra to meter."""
+
+    def __init__(self, inner, ledger: ConfidenceLedger, top_k: int):
+        self.inner, self.ledger, self.top_k = inner, ledger, top_k
+        if hasattr(inner, "generate_multi"):
+            self.generate_multi = self._generate_multi
+
+    def __getattr__(self, name: str):  # counters such as `reused` of the sample-reusing policy
+        return getattr(self.inner, name)
+
+    def _params(self, params: SamplingParams) -> SamplingParams:
+        return params if params.top_logprobs >= self.top_k else replace(params, top_logprobs=self.top_k)
+
+    def estimate_flops(self, prompts: Sequence[str], params: SamplingParams, n: int = 1) -> float:
+        return self.inner.estimate_flops(prompts, params, n)
+
+    def _record(self, prompts: Sequence[str], out: list[list[Completion]]) -> list[list[Completion]]:
+        for prompt, completions in zip(prompts, out):
+            for completion in completions:
+                self.ledger.record(prompt, completion)
+        return out
+
+    async def generate(self, prompts: Sequence[str], params: SamplingParams, n: int = 1) -> list[list[Completion]]:
+        return self._record(prompts, await self.inner.generate(prompts, self._params(params), n))
+
+    async def _generate_multi(self, prompts: Sequence[str], params: SamplingParams,
+                              ns: Sequence[int]) -> list[list[Completion]]:
+        return self._record(prompts, await self.inner.generate_multi(prompts, self._params(params), ns))
+
+
+class ConfidenceReward:
+    """Reward protocol implementation "confidence": step scores from the policy's own token confidence (no FLOPs)."""
+
+    name = "confidence"
+
+    def __init__(self, metric: str = "lowest_group", window: int = 32, tail: int = 32, top_k: int = 20,
+                 scale: float = 5.0):
+        if metric not in METRICS:
+            raise ValueError(f"unknown confidence metric {metric!r}; known: {', '.join(METRICS)}")
+        self.metric, self.window, self.tail, self.top_k, self.scale = metric, window, tail, top_k, scale
+        self.ledger = ConfidenceLedger()
+        self.misses = 0
+
+    def wrap_policy(self, policy):
+        """The policy the strategy must generate through so that this reward sees the samples' log-probabilities."""
+        return policy if isinstance(policy, RecordingPolicy) and policy.ledger is self.ledger \
+            else RecordingPolicy(policy, self.ledger, self.top_k)
+
+    def score_steps(self, steps: Sequence[str]) -> list[float]:
+        trace: list[float] = []
+        scores = []
+        for tokens in self.ledger.step_tokens(steps):
+            if tokens is None:
+                self.misses += 1
+            else:
+                trace += tokens
+            scores.append(squash(trace_confidence(trace, self.metric, self.window, self.tail), self.scale)
+                          if trace else 0.5)
+        return scores
+
+    async def score(self, question: str, candidates: Sequence[Sequence[str]]) -> list[list[float]]:
+        return [self.score_steps(steps) for steps in candidates]
+
+    def estimate_flops(self, question: str, candidates: Sequence[Sequence[str]]) -> float:
+        return 0.0
