@@ -98,8 +98,9 @@ class StepTagPRMClient(CachedStepScorer):
         self.tag_id = fmt.step_tag_id
         self.reward_name = f"prm:{fmt.name}"
         self.version = f"{fmt.name}:{fmt.step_tag_id}:{fmt.good_index}"
-        # Tokens per character of rendered text, learned from the worker's answers (starts high: an upper bound).
-        self._tokens_per_char = 0.5
+        # Tokens of the layout around the text (chat template, special tokens), measured at the step-tag check on
+        # an empty solution; until then a generous guess. With them the budget estimate is a true upper bound.
+        self._layout_tokens = 256
         self._checked = False
 
     async def _tokenize(self, body: dict[str, Any]) -> list[int]:
@@ -123,15 +124,20 @@ class StepTagPRMClient(CachedStepScorer):
         if found != len(steps):
             raise StepTagError(f"a rendered {len(steps)}-step solution holds {found} step tags (id {tag_id}) "
                                f"after {self.model}'s tokenizer: the tag merges with its neighbours")
+        empty = await self._tokenize(self.fmt.tokenize_body(self.model, "", [""]))
+        self._layout_tokens = len(empty) + 8  # + what a merge at the text's edges could add
         self.tag_id, self._checked = tag_id, True
         return tag_id
 
     def estimate_flops(self, question: str, candidates: Sequence[Sequence[str]]) -> float:
+        """Upper bound for the anytime budget: a byte-level tokenizer makes at most one token per UTF-8 byte of the
+        text (never a learned characters-per-token ratio: rare code points are several tokens each)."""
         total = 0.0
         for steps in candidates:
             if steps:
-                chars = len(question) + sum(len(s) + len(self.fmt.step_tag) for s in steps) + len(self.fmt.system)
-                total += self.shape.encode_flops(min(self.max_model_len, math.ceil(chars * self._tokens_per_char)))
+                text = question + "".join(s + self.fmt.step_tag + "\n" for s in steps)
+                tokens = len(text.encode("utf-8", "surrogatepass")) + self._layout_tokens
+                total += self.shape.encode_flops(min(self.max_model_len, tokens))
         return total
 
     async def _score_uncached(self, question: str, candidates: Sequence[Sequence[str]],
@@ -141,9 +147,6 @@ class StepTagPRMClient(CachedStepScorer):
         bodies = [self.fmt.tokenize_body(self.model, question, steps) for steps in candidates]
         token_lists = list(await asyncio.gather(*(self._tokenize(b) for b in bodies)))
         token_lists = [ids[: self.max_model_len] for ids in token_lists]
-        chars = sum(len(question) + sum(len(s) for s in steps) for steps in candidates)
-        if chars:
-            self._tokens_per_char = max(self._tokens_per_char * 0.9, sum(map(len, token_lists)) / chars)
         body = await self.pool.post_json("/pooling", {"model": self.model, "input": token_lists,
                                                           "task": "token_classify", "use_activation": False})
         data = sorted(body.get("data") or [], key=lambda d: int(d.get("index", 0)))
