@@ -60,7 +60,7 @@ def response_object(req: ResponsesRequest, resp_id: str, created: float, status:
     tool_choice: Any = req.tool_choice.model_dump() if hasattr(req.tool_choice, "model_dump") else req.tool_choice
     fmt = req.text.format.model_dump(by_alias=True, exclude_none=True) if req.text and req.text.format else None
     body: dict[str, Any] = {
-        "id": resp_id, "object": "response", "created_at": created, "status": status, "model": req.model,
+        "id": resp_id, "object": "response", "created_at": int(created), "status": status, "model": req.model,
         "output": output, "error": None, "incomplete_details": incomplete, "instructions": req.instructions,
         "max_output_tokens": req.max_output_tokens, "temperature": req.temperature, "top_p": req.top_p,
         "parallel_tool_calls": req.parallel_tool_calls is not False, "tool_choice": tool_choice or "auto",
