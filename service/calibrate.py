@@ -293,7 +293,9 @@ def gateway_settings(reward_backend: str, policy_port: int, reward_port: int, po
 async def with_gateway(settings: Any, fn: Any) -> Any:
     from .gateway import Gateway
     from .models.prepare import BUNDLED, prepare
+    from .offline.bank import check_prepared
 
+    check_prepared(settings)  # one clear line (which command to run) instead of a hub-id traceback
     if settings.policy.embedded and not settings.policy.model and settings.policy.served_name in BUNDLED:
         prepare(settings.policy.served_name, settings.models_dir)
     gw = Gateway(settings)

@@ -187,10 +187,12 @@ def check_prepared(settings: Any) -> None:
     """One clear line for each missing step before any worker starts."""
     from ..gateway import DEFAULT_PRM_HEAD, policy_model, reward_model
 
+    uses_prm = "prm" in settings.reward_backend
     head = Path(settings.prm_head_path or DEFAULT_PRM_HEAD)
-    if not head.is_file():
+    if uses_prm and settings.reward.format == "head" and not head.is_file():
         raise SystemExit(f"PRM head {head} missing: train it with `ttc-gateway train-prm` or set TTC_PRM_HEAD_PATH")
-    for role, model in (("policy", policy_model(settings)), ("reward", reward_model(settings))):
+    roles = [("policy", policy_model(settings))] + ([("reward", reward_model(settings))] if uses_prm else [])
+    for role, model in roles:
         pool = getattr(settings, role)
         # An embedded bundled policy is prepared on start (calibrate.with_gateway); remote workers are not, and the
         # gateway still reads the folder for the tokenizer and the FLOPs shape.
