@@ -140,14 +140,14 @@ def _vote(group: np.ndarray, gcorrect: np.ndarray, w: np.ndarray, tie_by_score: 
     return ok & present.any(2)                                      # no answer at all: wrong
 
 
-def replay(bank: BankArrays, configs: Sequence[BonConfig], r: int = 128, seed: int = 0,
-           chunk: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """(accuracy [P, K], mean FLOPs [P, K]): per problem, averaged over r random orderings of its samples."""
+def replay_orderings(bank: BankArrays, configs: Sequence[BonConfig], r: int = 128, seed: int = 0,
+                     chunk: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(correct [P, R, K], FLOPs [P, R, K], orderings [P, R, S]): every config on every ordering of every problem."""
     P, S = bank.correct.shape
     if max(c.n for c in configs) > S:
         raise ValueError(f"a config draws more samples than the bank holds ({S})")
     order = orderings(P, S, r, seed)
-    acc, fl = np.zeros((P, len(configs))), np.zeros((P, len(configs)))
+    ok_all, fl_all = np.zeros((P, r, len(configs)), bool), np.zeros((P, r, len(configs)))
     for lo in range(0, P, chunk):
         sl = slice(lo, min(P, lo + chunk))
         o = order[sl]
@@ -167,9 +167,15 @@ def replay(bank: BankArrays, configs: Sequence[BonConfig], r: int = 128, seed: i
                     ok = np.take_along_axis(cor[..., :n], w.argmax(2)[..., None], 2)[..., 0]
                 else:
                     ok = _vote(grp[..., :n], bank.group_correct[sl], np.maximum(w, 0.0), True)
-            acc[sl, k] = ok.mean(1)
-            fl[sl, k] = cost.mean(1)
-    return acc, fl
+            ok_all[sl, :, k], fl_all[sl, :, k] = ok, cost
+    return ok_all, fl_all, order
+
+
+def replay(bank: BankArrays, configs: Sequence[BonConfig], r: int = 128, seed: int = 0,
+           chunk: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(accuracy [P, K], mean FLOPs [P, K]): per problem, averaged over r random orderings of its samples."""
+    ok, fl, _ = replay_orderings(bank, configs, r, seed, chunk)
+    return ok.mean(1), fl.mean(1)
 
 
 # ---- bootstrap over problems ---------------------------------------------------------------------------------------

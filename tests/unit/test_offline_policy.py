@@ -100,3 +100,31 @@ def test_evidence_table_is_a_router_table(tmp_path):
     hopeless = [e for e in loaded.entries if e["hopeless"]]
     assert hopeless and all(e["params"]["n"] == 1 for e in hopeless)
     assert loaded.prompt_model is not None
+
+
+def test_auto_replay_pays_for_its_probe_and_reuses_it():
+    from service.offline.auto_replay import auto_outcomes
+    from service.offline.replay import bank_arrays, replay_orderings
+    from service.router.table import PolicyTable
+    from tests.unit.offline_fakes import correct_or_distinct
+
+    bank = bank_arrays([correct_or_distinct(f"p{i}", c, reward_flops=0.5) for i, c in enumerate([0, 2, 8, 32])])
+    configs = [BonConfig(n, "weighted") for n in NS] + [BonConfig(n, "majority") for n in NS]
+    ok, cost, order = replay_orderings(bank, configs, r=16)
+    entries = [{"bin": b, "budget_generations": g, "budget_flops": g * 1.5, "strategy": "best_of_n",
+                "params": {"n": n, "selection": sel, "aggregation": "last"}, "expected_accuracy": 0.0,
+                "mean_flops": 0.0, "n_problems": 1}
+               for b in range(1, 6) for g, n, sel in ((1, 1, "weighted"), (16, 2, "majority"))]
+    table = PolicyTable(cuts=[0.2, 0.4, 0.6, 0.8], entries=entries, reward_backend="prm*arith")
+    table.prompt_model = None
+    acc, flops, probe_used = auto_outcomes(table, bank, configs, ok, cost, order, [1.5, 24.0, 40.0])
+    # 1.5 FLOPs: the 4-sample probe (6 FLOPs) does not fit; the prompt estimator's bin, best-of-1 weighted.
+    assert probe_used[:, 0].tolist() == [0.0] * 4 and flops[:, 0].tolist() == [1.5] * 4
+    # 24 FLOPs: probe of 4 samples (policy 4 + reward 2); 18 remain, below the 24-FLOP entry: best-of-1 weighted,
+    # which reuses the probe: a weighted vote over the 4 probe samples.
+    w4, maj4 = (next(k for k, c in enumerate(configs) if c.n == 4 and c.selection == s)
+                for s in ("weighted", "majority"))
+    assert probe_used[:, 1].tolist() == [1.0] * 4 and flops[:, 1].tolist() == [6.0] * 4
+    assert np.allclose(acc[:, 1], ok[:, :, w4].mean(1))
+    # 40 FLOPs: 34 remain, majority n=2 -> a majority vote over the 4 probe samples; the probe's scoring is paid.
+    assert flops[:, 2].tolist() == [6.0] * 4 and np.allclose(acc[:, 2], ok[:, :, maj4].mean(1))
