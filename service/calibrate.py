@@ -91,6 +91,37 @@ def _slug(s: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", s.lower()).strip("_")
 
 
+class PromptRenderer:
+    """Renders a problem's chat prompt on the policy worker and counts its tokens and the few-shot prefix it shares
+    with every other problem (calibrate, bench and the sample bank charge the same question prefill)."""
+
+    def __init__(self, gw: Any):
+        self.gw = gw
+        self._ref_ids: list[int] | None = None
+
+    async def _token_ids(self, text: str) -> list[int]:
+        body = await self.gw.policy.pool.post_json("/tokenize", {"model": self.gw.policy.model, "prompt": text,
+                                                                 "add_special_tokens": False})
+        return list(body["tokens"])
+
+    async def render(self, row: dict[str, Any]) -> tuple[str, int, int]:
+        """(rendered prompt, its tokens, tokens shared with every other problem's prompt: the few-shot prefix)."""
+        from .prompts import math_messages, style_for
+
+        style = style_for(row.get("source", ""))
+        prompt = await self.gw.policy.render_chat(math_messages(row["question"], style))
+        if self._ref_ids is None:
+            ref = await self.gw.policy.render_chat(math_messages("What is 1 + 1?", style))
+            self._ref_ids = await self._token_ids(ref)
+        ids = await self._token_ids(prompt)
+        shared = 0
+        for a, b in zip(ids, self._ref_ids):
+            if a != b:
+                break
+            shared += 1
+        return prompt, len(ids), shared
+
+
 class GridRunner:
     """Runs configs on problems through an in-process Gateway's workers; caches one JSONL line per (problem, key)."""
 
@@ -114,7 +145,7 @@ class GridRunner:
                         continue
                     self.done[(rec["id"], rec["key"])] = rec
         self._fh = open(self.path, "a", encoding="utf-8")
-        self._ref_ids: list[int] | None = None
+        self.prompts = PromptRenderer(gw)
 
     def close(self) -> None:
         self._fh.close()
@@ -124,27 +155,8 @@ class GridRunner:
         self._fh.write(json.dumps(rec) + "\n")
         self._fh.flush()
 
-    async def _token_ids(self, text: str) -> list[int]:
-        body = await self.gw.policy.pool.post_json("/tokenize", {"model": self.gw.policy.model, "prompt": text,
-                                                                 "add_special_tokens": False})
-        return list(body["tokens"])
-
     async def _prompt(self, row: dict[str, Any]) -> tuple[str, int, int]:
-        """(rendered prompt, its tokens, tokens shared with every other problem's prompt: the few-shot prefix)."""
-        from .prompts import math_messages, style_for
-
-        style = style_for(row.get("source", ""))
-        prompt = await self.gw.policy.render_chat(math_messages(row["question"], style))
-        if self._ref_ids is None:
-            ref = await self.gw.policy.render_chat(math_messages("What is 1 + 1?", style))
-            self._ref_ids = await self._token_ids(ref)
-        ids = await self._token_ids(prompt)
-        shared = 0
-        for a, b in zip(ids, self._ref_ids):
-            if a != b:
-                break
-            shared += 1
-        return prompt, len(ids), shared
+        return await self.prompts.render(row)
 
     async def run_problem(self, row: dict[str, Any], configs: Sequence[Config]) -> None:
         from .metering import Meter
@@ -293,7 +305,9 @@ def gateway_settings(reward_backend: str, policy_port: int, reward_port: int, po
 async def with_gateway(settings: Any, fn: Any) -> Any:
     from .gateway import Gateway
     from .models.prepare import BUNDLED, prepare
+    from .offline.bank import check_prepared
 
+    check_prepared(settings)  # one clear line (which command to run) instead of a hub-id traceback
     if settings.policy.embedded and not settings.policy.model and settings.policy.served_name in BUNDLED:
         prepare(settings.policy.served_name, settings.models_dir)
     gw = Gateway(settings)

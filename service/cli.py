@@ -119,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("args", nargs=argparse.REMAINDER)
     tp.set_defaults(func=_train_prm)
     bench.add_parser(sub)
+    from .offline import bank as offline_bank, evaluate as offline_evaluate
+
+    offline_bank.add_parser(sub)
+    offline_evaluate.add_parser(sub)
     return parser
 
 

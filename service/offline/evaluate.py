@@ -1,0 +1,219 @@
+"""`ttc-gateway replay`: everything the sample bank can say without new samples, with bootstrap 95% intervals.
+
+1. Every best-of-N configuration (N, selection, aggregation, backend): accuracy and mean FLOPs, averaged over R random
+   orderings per problem.
+2. Snell's compute-optimal policy by oracle difficulty (pass@1 bins) and by predicted difficulty (bins of the mean
+   verifier score of the bank's samples; its cost is not counted, as in Snell et al.), each 2-fold cross-validated
+   inside its bins, with its efficiency ratio over best-of-N weighted and predicted / oracle.
+3. The evidence table (offline.policy.evidence_table), fitted on a seeded share of the problems and evaluated on the
+   rest (held out), written in the router's table format.
+4. Early stopping rules: samples saved and accuracy lost against the full best-of-16 on the same orderings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .bank import BACKENDS, StaleBank, current_models, read_bank
+from .policy import compute_optimal_cv, evidence_table, quantile_bins, table_outcomes
+from .auto_replay import auto_outcomes
+from .replay import (NS, BonConfig, all_configs, bank_arrays, bootstrap_weights, ratio_with_interval,
+                     replay_orderings, with_intervals)
+from .stopping import StoppingRule, replay_stopping
+
+BUDGETS_GEN = (1, 2, 4, 8, 16)
+RULES = (StoppingRule(0.95, hopeless_k=None), StoppingRule(0.95, hopeless_k=4, score_threshold=0.2),
+         StoppingRule(0.8, hopeless_k=4, score_threshold=0.2))
+
+
+def _fmt(x: float | None, digits: int = 3) -> Any:
+    return None if x is None else round(float(x), digits)
+
+
+def _ci(mean: float, lo: float, hi: float, scale: float = 1.0, digits: int = 4) -> dict[str, Any]:
+    return {"mean": _fmt(mean * scale, digits), "lo": _fmt(lo * scale, digits), "hi": _fmt(hi * scale, digits)}
+
+
+def _curve(acc: np.ndarray, fl: np.ndarray, w: np.ndarray) -> list[dict[str, Any]]:
+    a, f = with_intervals(acc, w), with_intervals(fl, w)
+    return [{"accuracy": _ci(a["mean"][j], a["lo"][j], a["hi"][j]), "flops": _ci(f["mean"][j], f["lo"][j],
+                                                                                 f["hi"][j], digits=-1)}
+            for j in range(acc.shape[1])]
+
+
+def _ratio(r: dict[str, Any]) -> dict[str, Any]:
+    return {k: _fmt(v) if isinstance(v, float) else v for k, v in r.items()}
+
+
+def evaluate(header: dict[str, Any], problems: Sequence[dict[str, Any]], backend: str = "prm*arith", r: int = 128,
+             n_boot: int = 1000, seed: int = 0, holdout: float = 0.3, prior_strength: float = 4.0,
+             min_gain: float = 0.005) -> tuple[dict[str, Any], Any]:
+    """(report, the evidence table fitted on the non-held-out problems)."""
+    from ..router.fit import budget_flops
+
+    bank = bank_arrays(problems)
+    P, S = bank.correct.shape
+    ns = tuple(n for n in NS if n <= S // 2) or (1,)  # the bank must hold more samples than the largest N
+    configs = all_configs(ns)
+    t0 = time.monotonic()
+    ok_all, cost_all, order = replay_orderings(bank, configs, r=r, seed=seed)
+    acc, fl = ok_all.mean(1), cost_all.mean(1)
+    replay_s = time.monotonic() - t0
+    w = bootstrap_weights(P, n_boot, seed)
+    gen = bank.per_generation(backend)
+    budgets = [budget_flops(g, gen) for g in BUDGETS_GEN]
+    idx = {c.key: k for k, c in enumerate(configs)}
+    base_k = [idx[BonConfig(n, "weighted", "last", backend).key] for n in ns]
+    mine = [k for k, c in enumerate(configs) if c.selection == "majority" or c.backend == backend]
+    report: dict[str, Any] = {"problems": P, "samples_per_problem": S, "orderings": r, "bootstrap": n_boot,
+                              "seed": seed, "backend": backend, "models": header.get("models"),
+                              "generation_flops": gen, "budgets_generations": list(BUDGETS_GEN),
+                              "pass_at_1_mean": float(bank.pass_at_1.mean()),
+                              "problems_without_correct_sample": int((~bank.correct.any(1)).sum()),
+                              "replay_seconds": round(replay_s, 2)}
+    curve = _curve(acc, fl, w)
+    report["configs"] = {c.key: curve[k] for k, c in enumerate(configs)}
+    base_a, base_f = acc[:, base_k], fl[:, base_k]
+
+    policies: dict[str, Any] = {}
+    pass1 = bank.pass_at_1
+    verifier = bank.scores[(backend, "last")].mean(1)
+    for name, stat in (("oracle", pass1), ("predicted", verifier)):
+        _, bins = quantile_bins(stat)
+        res = compute_optimal_cv(acc[:, mine], fl[:, mine], bins, budgets, seed)
+        ratio = ratio_with_interval(base_a, base_f, res["accuracy"], res["flops"], w)
+        policies[name] = {"curve": _curve(res["accuracy"], res["flops"], w), "ratio": _ratio(ratio),
+                          "bin_sizes": np.bincount(bins, minlength=6)[1:].tolist()}
+    ro, rp = policies["oracle"]["ratio"]["ratio"], policies["predicted"]["ratio"]["ratio"]
+    report["policies"] = policies
+    report["predicted_over_oracle"] = _fmt(rp / ro) if ro and rp else None
+
+    # The evidence table: fitted on one share, evaluated on the held-out rest.
+    rng = np.random.default_rng(seed + 1)
+    perm = rng.permutation(P)
+    n_ho = int(round(P * holdout)) if P >= 4 else 0
+    ho, fit = np.sort(perm[:n_ho]), np.sort(perm[n_ho:])
+    cfgs = [configs[k] for k in mine]
+    table = evidence_table(acc[fit][:, mine], fl[fit][:, mine], cfgs, verifier[fit], bank.correct[fit].any(1),
+                           BUDGETS_GEN, gen, backend, prior_strength, min_gain,
+                           questions=[bank.questions[i] for i in fit])
+    table.models = dict(header.get("models") or {})
+    table.calibration.update({"problem_ids": [bank.ids[i] for i in fit], "held_out_ids": [bank.ids[i] for i in ho],
+                              "source": "sample bank replay", "bank_created": header.get("created"),
+                              "datasets": header.get("datasets")})
+    report["table"] = {"fitted_on": len(fit), "held_out": len(ho), "cuts": table.cuts,
+                       "entries": [{k: e[k] for k in ("bin", "budget_generations", "params", "expected_accuracy",
+                                                      "n_problems", "hopeless")} for e in table.entries]}
+    if n_ho:
+        ta, tf = table_outcomes(table, acc[ho][:, mine], fl[ho][:, mine], cfgs, verifier[ho], budgets)
+        w_ho = bootstrap_weights(n_ho, n_boot, seed + 2)
+        report["table"]["held_out_curve"] = _curve(ta, tf, w_ho)
+        report["table"]["held_out_ratio"] = _ratio(ratio_with_interval(acc[ho][:, base_k], fl[ho][:, base_k], ta,
+                                                                       tf, w_ho))
+        aa, af, probe_share = auto_outcomes(table, bank, configs, ok_all, cost_all, order, budgets, ho)
+        report["table"]["held_out_auto_curve"] = _curve(aa, af, w_ho)
+        report["table"]["held_out_auto_probe_share"] = probe_share.mean(0).round(3).tolist()
+        report["table"]["held_out_auto_ratio"] = _ratio(ratio_with_interval(acc[ho][:, base_k], fl[ho][:, base_k],
+                                                                            aa, af, w_ho))
+
+    stops = {}
+    n_max = max(ns)
+    for rule in RULES:
+        for sel in ("majority", "weighted"):
+            out = replay_stopping(bank, rule, n_max=n_max, r=r, seed=seed, backend=backend, selection=sel)
+            lost = with_intervals((out["full_accuracy"] - out["accuracy"])[:, None], w)
+            stops[f"{sel} {rule.name}"] = {
+                "accuracy": _fmt(out["accuracy"].mean(), 4), "full_accuracy": _fmt(out["full_accuracy"].mean(), 4),
+                "accuracy_lost": _ci(lost["mean"][0], lost["lo"][0], lost["hi"][0]),
+                "mean_samples": _fmt(out["samples"].mean(), 2),
+                "samples_saved_ratio": _fmt(n_max / out["samples"].mean(), 2),
+                "hopeless_share": _fmt(out["hopeless_share"].mean(), 3)}
+    report["early_stopping"] = {"n_max": n_max, "rules": stops}
+    return report, table
+
+
+def markdown(rep: dict[str, Any]) -> str:
+    pct = lambda c: f"{100 * c['mean']:.1f} [{100 * c['lo']:.1f}, {100 * c['hi']:.1f}]"  # noqa: E731
+    fl = lambda c: f"{c['mean']:.2e}"  # noqa: E731
+    b = rep["backend"]
+    lines = [f"Replay of a sample bank: {rep['problems']} problems x {rep['samples_per_problem']} samples, "
+             f"{rep['orderings']} orderings per problem, 95% percentile bootstrap over problems ({rep['bootstrap']} "
+             f"resamples). Verifier `{b}`; 1 generation = {rep['generation_flops']['per_generation']:.3g} FLOPs. "
+             f"Mean pass@1 {100 * rep['pass_at_1_mean']:.1f}%; {rep['problems_without_correct_sample']} problems "
+             f"have no correct sample.", "", "| config | " + " | ".join(f"N={n}" for n in NS) + " |",
+             "|---|" + "---|" * len(NS)]
+    for name, key in (("majority", "best_of_n:n={n},selection=majority"),
+                      ("weighted (last)", f"best_of_n[{b}]:aggregation=last,n={{n}},selection=weighted"),
+                      ("best (last)", f"best_of_n[{b}]:aggregation=last,n={{n}},selection=best")):
+        cells = [rep["configs"].get(key.format(n=n)) for n in NS]
+        lines.append(f"| {name} | " + " | ".join(f"{pct(c['accuracy'])} ({fl(c['flops'])})" if c else "-"
+                                                 for c in cells) + " |")
+    lines += ["", "| policy | " + " | ".join(f"B={g} gen" for g in rep["budgets_generations"]) +
+              " | ratio over best-of-N weighted [95%] |", "|---|" + "---|" * (len(rep["budgets_generations"]) + 1)]
+    rows = [("oracle bins (2-fold CV)", rep["policies"]["oracle"]),
+            ("predicted bins (2-fold CV, estimation cost not counted)", rep["policies"]["predicted"])]
+    if "held_out_curve" in rep["table"]:
+        n_ho = rep["table"]["held_out"]
+        rows.append((f"evidence table, {n_ho} held-out problems, bins known (no estimation cost)",
+                     {"curve": rep["table"]["held_out_curve"], "ratio": rep["table"]["held_out_ratio"]}))
+        rows.append((f"`auto` with the evidence table, {n_ho} held-out problems, probe k=4 cost included",
+                     {"curve": rep["table"]["held_out_auto_curve"], "ratio": rep["table"]["held_out_auto_ratio"]}))
+    for name, pol in rows:
+        r = pol["ratio"]
+        ratio = "not reached" if r["ratio"] is None else f"{r['ratio']:.2f}x [{r['lo']:.2f}, {r['hi']:.2f}]"
+        lines.append(f"| {name} | " + " | ".join(f"{pct(p['accuracy'])} ({fl(p['flops'])})" for p in pol["curve"])
+                     + f" | {ratio} (not reached in {100 * r['not_reached_share']:.0f}% of resamples) |")
+    lines += ["", f"Predicted / oracle efficiency: {rep['predicted_over_oracle']}.", "",
+              f"Early stopping inside best-of-{rep['early_stopping']['n_max']} (same orderings):", "",
+              "| rule | accuracy % | full best-of-N % | lost, points [95%] | mean samples | saved |", "|---|---|---|---|---|---|"]
+    for name, s in rep["early_stopping"]["rules"].items():
+        lo = s["accuracy_lost"]
+        lines.append(f"| {name} | {100 * s['accuracy']:.1f} | {100 * s['full_accuracy']:.1f} | "
+                     f"{100 * lo['mean']:.1f} [{100 * lo['lo']:.1f}, {100 * lo['hi']:.1f}] | {s['mean_samples']} | "
+                     f"{s['samples_saved_ratio']}x |")
+    return "\n".join(lines) + "\n"
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("replay", help="evaluate best-of-N, compute-optimal policies and early stopping on a bank")
+    p.add_argument("--bank", required=True, help="sample bank written by `ttc-gateway bank`")
+    p.add_argument("--out", required=True, help="folder for replay.json and replay.md")
+    p.add_argument("--table-out", help="write the evidence table (router format) here")
+    p.add_argument("--reward", default="prm*arith", choices=BACKENDS)
+    p.add_argument("--orderings", type=int, default=128)
+    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--holdout", type=float, default=0.3, help="share of problems held out of the table fit")
+    p.add_argument("--prior-strength", type=float, default=4.0, help="Beta prior strength (pseudo-problems)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--allow-stale", action="store_true", help="accept a bank from another model or PRM head")
+    p.set_defaults(func=main)
+
+
+def main(settings: Any, args: argparse.Namespace) -> int:
+    header, problems = read_bank(args.bank)
+    if not problems:
+        raise SystemExit(f"sample bank {args.bank} holds no problem yet: run `ttc-gateway bank` to fill it")
+    now = current_models(settings)
+    if header.get("models") != now and not args.allow_stale:
+        raise StaleBank(f"stale sample bank {args.bank}: drawn with {header.get('models')}, the gateway now has "
+                        f"{now}; redraw it with `ttc-gateway bank` (or pass --allow-stale)")
+    t0 = time.monotonic()
+    rep, table = evaluate(header, problems, args.reward, args.orderings, args.bootstrap, args.seed, args.holdout,
+                          args.prior_strength)
+    rep["run_seconds"] = round(time.monotonic() - t0, 1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "replay.json").write_text(json.dumps(rep, indent=1, default=float) + "\n")
+    (out / "replay.md").write_text(markdown(rep))
+    if args.table_out:
+        table.save(args.table_out)
+    print(markdown(rep))
+    print(f"wrote {out / 'replay.json'}, {out / 'replay.md'}" + (f", {args.table_out}" if args.table_out else "")
+          + f" in {rep['run_seconds']} s")
+    return 0

@@ -1,0 +1,79 @@
+"""The sample bank's storage: header, resumable appends, a cut-off tail, stale banks and missing steps refused with
+one clear line; and `ttc-gateway replay` end to end on a synthetic bank."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from service.cli import build_parser
+from service.offline.bank import (BANK_FORMAT, BANK_VERSION, StaleBank, _append_line, check_prepared, prepare_bank,
+                                  read_bank, step_scores)
+from tests.unit.offline_fakes import correct_or_distinct
+
+HEADER = {"format": BANK_FORMAT, "format_version": BANK_VERSION, "models": {"policy": "m", "reward_head": "h:1"},
+          "n_bank": 32, "max_tokens": 96, "temperature": 0.8, "step_delimiter": "\n"}
+
+
+def test_append_resume_and_cut_off_tail(tmp_path):
+    path = tmp_path / "bank.jsonl.gz"
+    assert prepare_bank(path, HEADER) == set()
+    for i in range(3):
+        _append_line(path, correct_or_distinct(f"p{i}", i))
+    with open(path, "ab") as fh:  # a kill in the middle of the next member
+        fh.write(b"\x1f\x8b\x08\x00garbage")
+    assert prepare_bank(path, HEADER) == {"p0", "p1", "p2"}
+    header, problems = read_bank(path)
+    assert header["n_bank"] == 32 and [p["id"] for p in problems] == ["p0", "p1", "p2"]
+
+
+def test_stale_bank_is_refused_with_one_line(tmp_path):
+    path = tmp_path / "bank.jsonl.gz"
+    prepare_bank(path, HEADER)
+    with pytest.raises(StaleBank) as exc:
+        prepare_bank(path, {**HEADER, "models": {"policy": "m", "reward_head": "h:2"}})
+    assert "stale sample bank" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_missing_bank_says_which_command_to_run(tmp_path):
+    with pytest.raises(SystemExit, match="run `ttc-gateway bank"):
+        read_bank(tmp_path / "none.jsonl.gz")
+
+
+def test_unprepared_model_says_which_command_to_run(tmp_path):
+    from service.config import Settings
+
+    s = Settings(models_dir=tmp_path / "models", policy={"urls": ["http://127.0.0.1:1"]},
+                 reward={"urls": ["http://127.0.0.1:2"]}, reward_backend="prm*arith")
+    with pytest.raises(SystemExit, match="ttc-gateway prepare-models"):
+        check_prepared(s)
+
+
+def test_prm_times_arith_is_the_stepwise_product():
+    s = {"scores": {"arith": [1.0, 0.0], "prm": [0.5, 0.8]}}
+    assert step_scores(s, "prm*arith") == [0.5, 0.0]
+
+
+def test_replay_command_writes_a_report_and_a_router_table(tmp_path, monkeypatch):
+    import service.offline.evaluate as ev
+
+    path = tmp_path / "bank.jsonl.gz"
+    prepare_bank(path, HEADER)
+    for i in range(20):
+        _append_line(path, correct_or_distinct(f"p{i}", [0, 0, 1, 4, 16][i % 5]))
+    monkeypatch.setattr(ev, "current_models", lambda settings=None: HEADER["models"])
+    args = build_parser().parse_args(["replay", "--bank", str(path), "--out", str(tmp_path / "out"), "--table-out",
+                                      str(tmp_path / "table.json"), "--orderings", "16", "--bootstrap", "100"])
+    assert args.func(None, args) == 0
+    rep = json.loads((tmp_path / "out" / "replay.json").read_text())
+    assert rep["problems"] == 20 and rep["table"]["held_out"] == 6
+    assert "oracle bins" in (tmp_path / "out" / "replay.md").read_text()
+    from service.router.table import load
+
+    table = load(tmp_path / "table.json")
+    assert table.models == HEADER["models"] and table.entries
+
+    monkeypatch.setattr(ev, "current_models", lambda settings=None: {"policy": "other"})
+    with pytest.raises(StaleBank, match="stale sample bank"):
+        args.func(None, args)
