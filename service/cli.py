@@ -16,7 +16,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     from .api.app import create_app
     from .api.server import DrainingServer, header_timeout_protocol
     from .gateway import Gateway
-    from .models.prepare import BUNDLED, prepare
+    from .offline.prepare_models import BUNDLED, prepare
 
     if args.host:
         settings.host = args.host
@@ -63,7 +63,7 @@ def _serve_multiprocess(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _prepare(settings: Settings, args: argparse.Namespace) -> int:
-    from .models.prepare import BUNDLED, prepare
+    from .offline.prepare_models import BUNDLED, prepare
 
     names = args.models or [settings.policy.served_name]
     for name in names:
@@ -75,7 +75,7 @@ def _prepare(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _train_prm(settings: Settings, args: argparse.Namespace) -> int:
-    from .models import train_prm
+    from .offline import train_prm
 
     return train_prm.main(args.args)
 
@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     hk.add_argument("key")
     hk.set_defaults(func=_hash_key)
 
-    from . import bench, calibrate
+    from .offline import bench, calibrate
 
     calibrate.add_parser(sub)
     tp = sub.add_parser("train-prm", add_help=False,
@@ -129,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train-prm"]:
-        # Its own argument parser (service.models.train_prm) takes everything after the command name.
-        from .models import train_prm
+        # Its own argument parser (service.offline.train_prm) takes everything after the command name.
+        from .offline import train_prm
 
         sys.exit(train_prm.main(argv[1:]))
     args = build_parser().parse_args(argv)

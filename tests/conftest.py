@@ -33,7 +33,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def prepared_policy_dir() -> Path:
-    from service.models.prepare import prepare
+    from service.offline.prepare_models import prepare
 
     return prepare("smollm2-135m-instruct", models_dir())
 

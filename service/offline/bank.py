@@ -6,7 +6,7 @@ Storage: JSONL.gz, one gzip member per line. The first line is the header (polic
 settings); then one line per problem. Appending a member per problem makes the bank resumable (a rerun skips the
 problems already in it) and a kill loses at most the problem in flight (a cut-off last member is ignored on read).
 
-Cost accounting is calibrate's (service/calibrate.py docstring): the few-shot prefix is prefilled once by an unmetered
+Cost accounting is calibrate's (service/offline/calibrate.py docstring): the few-shot prefix is prefilled once by an unmetered
 warm-up, each problem is charged the prefill of its question tokens (`question_charge`), each sample its decode
 (`policy_flops`). The PRM scores all samples of a problem in one call; its measured FLOPs are split across samples in
 proportion to their completion tokens (`reward_flops`). `arith` costs nothing; `prm*arith` is the step-wise product
@@ -91,7 +91,7 @@ def check_identity(path: Path, found: dict[str, Any], expected: dict[str, Any]) 
 
 def current_models(settings: Any = None) -> dict[str, Any]:
     """Policy model id and PRM-head hash as calibrate records them in a table's `models`."""
-    from ..calibrate import model_info
+    from .calibrate import model_info
     from ..config import Settings
 
     return model_info(settings or Settings())
@@ -101,7 +101,7 @@ def current_models(settings: Any = None) -> dict[str, Any]:
 
 class BankRunner:
     def __init__(self, gw: Any, path: Path, header: dict[str, Any], concurrency: int = 2):
-        from ..calibrate import PromptRenderer
+        from .calibrate import PromptRenderer
 
         self.gw, self.path, self.header = gw, path, header
         self.prompts = PromptRenderer(gw)
@@ -202,8 +202,8 @@ def check_prepared(settings: Any) -> None:
 
 
 def add_parser(sub: Any) -> None:
-    from ..calibrate import add_worker_args
-    from ..router.fit import MAX_TOKENS, TEMPERATURE
+    from .calibrate import add_worker_args
+    from .fit import MAX_TOKENS, TEMPERATURE
 
     p = sub.add_parser("bank", help="draw the sample bank (N samples per problem, scored by every backend)")
     p.add_argument("--dataset", action="append", required=True, help="JSONL file (path or path:weight); repeatable")
@@ -218,7 +218,7 @@ def add_parser(sub: Any) -> None:
 
 
 def main(settings: Any, args: argparse.Namespace) -> int:
-    from ..calibrate import gateway_settings, load_pool, with_gateway
+    from .calibrate import gateway_settings, load_pool, with_gateway
 
     for spec in args.dataset:
         path = spec.rsplit(":", 1)[0] if spec.rsplit(":", 1)[-1].isdigit() else spec

@@ -55,7 +55,7 @@ def evaluate(header: dict[str, Any], problems: Sequence[dict[str, Any]], backend
              n_boot: int = 1000, seed: int = 0, holdout: float = 0.3, prior_strength: float = 4.0,
              min_gain: float = 0.005) -> tuple[dict[str, Any], Any]:
     """(report, the evidence table fitted on the non-held-out problems)."""
-    from ..router.fit import budget_flops
+    from .fit import budget_flops
 
     bank = bank_arrays(problems)
     P, S = bank.correct.shape

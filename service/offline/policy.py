@@ -104,7 +104,7 @@ def evidence_table(acc: np.ndarray, flops: np.ndarray, configs: Sequence[Any], s
     stat: the difficulty statistic the router will see at serving time (the probe's mean verifier score, estimated
     here by its expectation: the mean over the bank's samples); any_correct [P]: the bank holds a correct sample.
     """
-    from ..router.fit import budget_flops
+    from .fit import budget_flops
 
     cuts = list(cuts) if cuts is not None else quantile_cuts(list(map(float, stat)))
     bins = bins_of(stat, cuts)

@@ -205,7 +205,7 @@ def with_intervals(values: np.ndarray, weights: np.ndarray) -> dict[str, Any]:
 
 def flops_to_reach(acc: Sequence[float], flops: Sequence[float], target: float) -> float | None:
     """Smallest FLOPs at which the accuracy-vs-FLOPs curve reaches `target` (linear in log-FLOPs between points)."""
-    from ..bench import flops_to_reach as on_points
+    from .bench import flops_to_reach as on_points
 
     return on_points([{"accuracy": float(a), "mean_flops": float(f)} for a, f in zip(acc, flops)], target)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from service.bench_checks import _ranks, revisions_harm, spearman
-from service.router.fit import bon_outcome, rescore
+from service.offline.bench_checks import _ranks, revisions_harm, spearman
+from service.offline.fit import bon_outcome, rescore
 
 
 def test_ranks_average_ties_and_spearman():

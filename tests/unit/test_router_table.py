@@ -107,9 +107,9 @@ def _rec(pid: str, correct: list[bool], last: list[float]) -> dict:
 
 
 def test_route_reuses_probe_samples_and_counts_their_flops():
-    from service.calibrate import bon_configs
-    from service.router.fit import route
-    from service.calibrate import _cfg
+    from service.offline.calibrate import bon_configs
+    from service.offline.fit import route
+    from service.offline.calibrate import _cfg
 
     configs = bon_configs(16) + [_cfg("beam_search", 4, n=4, beam_width=2, lookahead=0)]
     rec = _rec("p", [True, False, False, False] + [True] * 12, [0.9, 0.1, 0.1, 0.1] + [0.5] * 12)
@@ -134,7 +134,7 @@ def test_route_reuses_probe_samples_and_counts_their_flops():
 
 
 def test_flops_to_reach_interpolates():
-    from service.bench import flops_to_reach
+    from service.offline.bench import flops_to_reach
 
     pts = [{"mean_flops": 1.0, "accuracy": 0.1}, {"mean_flops": 100.0, "accuracy": 0.3}]
     assert flops_to_reach(pts, 0.2) == pytest.approx(10.0)

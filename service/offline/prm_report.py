@@ -9,7 +9,7 @@ Metrics (on problems the head never trained on):
   arithmetic verifier, weighted vote with their product, and the oracle (pass@N).
 
 Can be rerun on a saved head and a work dir:
-    python -m service.models.prm_report --head service/data/prm_head_smollm2.npz --json prm_report.json
+    python -m service.offline.prm_report --head service/data/prm_head_smollm2.npz --json prm_report.json
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 from ..rewards.arithmetic import ArithmeticReward
 from ..strategies.steps import split_steps
 from ..strategies.voting import Candidate, aggregate_scores, answers_equivalent, extract_answer, select
-from .prm_head import PRMHead
+from ..models.prm_head import PRMHead
 
 BASELINE = {"source": "docs/cpu-runtime.md first attempt (240 MAWPS/SVAMP problems x 16, layer-20 head, 2-fold CV)",
             "auroc_overall": 0.73, "auroc_within": 0.63, "weighted_minus_greedy_at_16_points": 1.3}

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .router.fit import (BON_N, BUDGET_GENERATIONS, MAX_TOKENS, PROBE_KS, TEMPERATURE, Config, budget_flops,
+from .fit import (BON_N, BUDGET_GENERATIONS, MAX_TOKENS, PROBE_KS, TEMPERATURE, Config, budget_flops,
                          build_table, choose_estimator, config_key, generation_flops)
 
 log = logging.getLogger("ttc.calibrate")
@@ -67,7 +67,7 @@ def bon_configs(max_n: int = BON_N) -> list[Config]:
 def load_pool(specs: Sequence[str], seed: int = 20261123) -> list[dict[str, Any]]:
     """All problems of the datasets, each shuffled with `seed`, interleaved round-robin; `path:w` takes w rows of that
     dataset per round (a weighted mix). Calibrate takes the head of this order, bench the problems not calibrated on."""
-    from .prompts import load_dataset
+    from ..prompts import load_dataset
 
     lists = []
     for spec in specs:
@@ -106,7 +106,7 @@ class PromptRenderer:
 
     async def render(self, row: dict[str, Any]) -> tuple[str, int, int]:
         """(rendered prompt, its tokens, tokens shared with every other problem's prompt: the few-shot prefix)."""
-        from .prompts import math_messages, style_for
+        from ..prompts import math_messages, style_for
 
         style = style_for(row.get("source", ""))
         prompt = await self.gw.policy.render_chat(math_messages(row["question"], style))
@@ -159,13 +159,13 @@ class GridRunner:
         return await self.prompts.render(row)
 
     async def run_problem(self, row: dict[str, Any], configs: Sequence[Config]) -> None:
-        from .metering import Meter
-        from .rewards.arithmetic import ArithmeticReward
-        from .strategies import build_strategy
-        from .strategies.base import ComputeBudget, Problem, SamplingParams
-        from .strategies.steps import split_steps
-        from .strategies.voting import answers_equivalent, extract_answer
-        from .workers.policy import MeteredPolicy
+        from ..metering import Meter
+        from ..rewards.arithmetic import ArithmeticReward
+        from ..strategies import build_strategy
+        from ..strategies.base import ComputeBudget, Problem, SamplingParams
+        from ..strategies.steps import split_steps
+        from ..strategies.voting import answers_equivalent, extract_answer
+        from ..workers.policy import MeteredPolicy
 
         pid = row["id"]
         todo = [c for c in configs if (pid, c.key) not in self.done]
@@ -184,7 +184,7 @@ class GridRunner:
                     "question_charge": charge}
 
             async def bon() -> None:
-                from .rewards import ConfidenceReward
+                from ..rewards import ConfidenceReward
 
                 meter = Meter()
                 reward = self.gw.reward_for(meter, "calibration")
@@ -227,7 +227,7 @@ class GridRunner:
                 choice: dict[str, Any] = {}
                 limit = None
                 if cfg.strategy == "auto":  # bench's live router: the served code path, under budget
-                    from .router.auto import AutoStrategy
+                    from ..router.auto import AutoStrategy
 
                     strategy: Any = AutoStrategy(self.table, max_n=64, on_choice=choice.update)
                     limit = budget_flops(cfg.params_dict["budget_generations"], self.table.generation_flops) - charge
@@ -291,7 +291,7 @@ class GridRunner:
 
 def gateway_settings(reward_backend: str, policy_port: int, reward_port: int, policy_url: str = "",
                      reward_url: str = "") -> Any:
-    from .config import Settings
+    from ..config import Settings
 
     policy: dict[str, Any] = {"port": policy_port}
     reward: dict[str, Any] = {"port": reward_port}
@@ -303,9 +303,9 @@ def gateway_settings(reward_backend: str, policy_port: int, reward_port: int, po
 
 
 async def with_gateway(settings: Any, fn: Any) -> Any:
-    from .gateway import Gateway
-    from .models.prepare import BUNDLED, prepare
-    from .offline.bank import check_prepared
+    from ..gateway import Gateway
+    from .prepare_models import BUNDLED, prepare
+    from .bank import check_prepared
 
     check_prepared(settings)  # one clear line (which command to run) instead of a hub-id traceback
     if settings.policy.embedded and not settings.policy.model and settings.policy.served_name in BUNDLED:
@@ -370,7 +370,7 @@ def complete_ids(rows: Sequence[dict[str, Any]], recs: dict[str, dict[str, Any]]
 def model_info(settings: Any) -> dict[str, Any]:
     import hashlib
 
-    from .gateway import DEFAULT_PRM_HEAD
+    from ..gateway import DEFAULT_PRM_HEAD
 
     head = Path(settings.prm_head_path or DEFAULT_PRM_HEAD)
     return {"policy": settings.policy.served_name,
@@ -429,7 +429,7 @@ def main(settings: Any, args: argparse.Namespace) -> int:
     table.generation_flops = gen
     table.calibration = {"problem_ids": ids, "datasets": args.dataset, "seed": args.seed, "problems": len(ids),
                          "configs": [c.key for c in configs], "estimator_cv": report,
-                         "cost_accounting": "see service/calibrate.py docstring", "run_seconds": round(run_s)}
+                         "cost_accounting": "see service/offline/calibrate.py docstring", "run_seconds": round(run_s)}
     table.save(args.out)
     print(f"wrote {args.out}: estimator {est} (probe k={k}), cuts {[round(c, 3) for c in table.cuts]}, "
           f"1 generation = {gen['per_generation']:.3g} FLOPs; run {run_s:.0f} s")

@@ -1,7 +1,7 @@
 """train-prm: sample solutions with the policy worker, label their steps, read hidden states from the pooling worker,
 train the PRM head and evaluate it on held-out problems.
 
-    python -m service.models.train_prm --out service/data/prm_head_smollm2.npz \
+    python -m service.offline.train_prm --out service/data/prm_head_smollm2.npz \
         --datasets arith_graded mawps_singleop mawps_addsub mawps_multiarith svamp \
         --problems 360 --samples 8 --eval-problems 80 --eval-samples 16 \
         --policy-url http://127.0.0.1:8201 --prm-url http://127.0.0.1:8202 --report-json prm_report.json
@@ -34,7 +34,7 @@ import numpy as np
 from ..prompts import SYSTEM, load_dataset, math_messages, style_for
 from ..strategies.steps import has_final_answer, split_steps
 from ..strategies.voting import answers_equivalent, extract_answer
-from .prm_head import FEATURES, PRMHead, PRMTokenizer, fit_logistic, fit_mlp, step_features
+from ..models.prm_head import FEATURES, PRMHead, PRMTokenizer, fit_logistic, fit_mlp, step_features
 
 log = logging.getLogger("ttc.train_prm")
 

@@ -5,7 +5,7 @@ was calibrated on. Every config runs once per problem on real workers (per-probl
 with calibrate's cache when --work-dir points at it); best-of-N at N = 1..16 uses the first N samples of one n=16 draw.
 `auto` is then evaluated from those recorded runs: the probe IS the first k samples of that draw (its FLOPs counted),
 the table picks a strategy for the remaining budget, and that strategy's recorded run on the same problem is its
-outcome (best-of-N reuses the probe samples). FLOPs accounting: see service/calibrate.py.
+outcome (best-of-N reuses the probe samples). FLOPs accounting: see service/offline/calibrate.py.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from .calibrate import (
     load_pool,
     run_grid,
 )
-from .router.fit import BON_N, Config, budget_flops, config_key, outcomes, probe_of, route
+from .fit import BON_N, Config, budget_flops, config_key, outcomes, probe_of, route
 from .bench_checks import difficulty_markdown, difficulty_vs_levels, revisions_harm
-from .router.table import N_BINS, PolicyTable, load
+from ..router.table import N_BINS, PolicyTable, load
 
 
 def family(cfg: Config) -> str:
@@ -200,7 +200,7 @@ def backend_report(backend: str, cal_ids: Sequence[str], cal_recs: dict[str, Any
                    recs: dict[str, Any], budgets_gen: Sequence[int], out: Path, gens_shown: Sequence[int]) -> str:
     """Best-of-N (weighted, majority) and a best-of-N-only `auto` for another reward backend, from the same draws
     rescored (no new samples): its own budget unit, difficulty cuts and table, fitted on the calibration problems."""
-    from .router.fit import build_table, choose_estimator, generation_flops, rescore
+    from .fit import build_table, choose_estimator, generation_flops, rescore
 
     cal_b = {i: rescore(cal_recs[i], backend) for i in cal_ids}
     bench_b = {i: rescore(recs[i], backend) for i in ids}

@@ -9,7 +9,7 @@ from typing import Any, Iterable, Sequence
 import random
 from dataclasses import dataclass
 
-from .table import N_BINS, PolicyTable, quantile_cuts, select_by_cv
+from ..router.table import N_BINS, PolicyTable, quantile_cuts, select_by_cv
 
 BON_N = 16
 MAX_TOKENS = 96
@@ -98,7 +98,7 @@ def budget_flops(g: float, gen: dict[str, float]) -> float:
 def build_table(ids: Sequence[str], recs: dict[str, dict[str, dict[str, Any]]], configs: Sequence[Config], k: int,
                 budgets_gen: Sequence[int], gen: dict[str, float], reward_backend: str, estimator: str = "probe",
                 seed: int = 0) -> PolicyTable:
-    from .difficulty import PromptDifficultyModel
+    from ..router.difficulty import PromptDifficultyModel
 
     stats = {i: probe_of(recs[i]["bon"], k)[0] for i in ids}
     cuts = quantile_cuts(list(stats.values()))
@@ -146,7 +146,7 @@ def route(table: PolicyTable, rec: dict[str, dict[str, Any]], budget_flops: floa
     them (n <= k: vote over the k probe samples; n > k: the first n samples). When even the probe does not fit the
     budget, the prompt estimator decides instead (no FLOPs).
     """
-    from .difficulty import prompt_bin
+    from ..router.difficulty import prompt_bin
 
     estimator = estimator or table.estimator
     k = int(table.probe["k"])

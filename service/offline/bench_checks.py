@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from .router.fit import probe_of
-from .router.table import PolicyTable
+from .fit import probe_of
+from ..router.table import PolicyTable
 
 
 def _ranks(xs: Sequence[float]) -> list[float]:
@@ -39,7 +39,7 @@ def difficulty_vs_levels(ids: Sequence[str], recs: dict[str, Any], table: Policy
     """The router's difficulty bins against the levels arith_graded gives (never used in calibration): Spearman's
     rho of level vs bin (positive = harder levels land in harder bins), and per level the mean bins and the
     per-sample accuracy of the best-of-N draw (the ground truth of "hard" for this model)."""
-    from .router.difficulty import prompt_bin
+    from ..router.difficulty import prompt_bin
 
     k = int(table.probe["k"])
     rows = []
@@ -88,7 +88,7 @@ def difficulty_markdown(d: dict[str, Any]) -> str:
 def revisions_harm(recs: dict[str, Any]) -> dict[str, Any]:
     """How often a revision turned a correct answer wrong (Snell et al. report ~38% for their revision model), over
     every recorded revisions run that kept its chains of answers."""
-    from .strategies.revisions import count_correct_to_wrong
+    from ..strategies.revisions import count_correct_to_wrong
 
     c2w = w2c = from_correct = total = runs = 0
     for rec in recs.values():
