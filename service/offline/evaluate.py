@@ -290,12 +290,18 @@ def hidden_inputs(args: argparse.Namespace, problems: Sequence[dict[str, Any]], 
     from ..router.hidden_difficulty import HiddenDifficultyHead
     from .train_difficulty import load_features
 
+    from ..config import Settings
+
+    settings = settings or Settings()
     head = HiddenDifficultyHead.load(args.difficulty_head)
     feats = load_features(Path(args.features or f"{args.bank}.hidden.npz"))
     missing = [p["id"] for p in problems if p["id"] not in feats]
     if missing:
         raise SystemExit(f"{len(missing)} bank problems have no cached hidden states (e.g. {missing[0]}): run "
                          f"`ttc-gateway train-difficulty --bank {args.bank} ...` first")
+    if not Path(reward_model(settings)).is_dir():
+        raise SystemExit(f"reward model folder {reward_model(settings)} missing: run `ttc-gateway prepare-models` "
+                         f"(or set TTC_MODELS_DIR to where it was prepared)")
     shape = load_shape(reward_model(settings), settings.reward.config_path)
     tok = PRMTokenizer.from_model_dir(reward_model(settings)).tokenizer
     return {"path": args.difficulty_head, "version": head.version,

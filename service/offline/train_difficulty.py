@@ -25,7 +25,7 @@ from ..router.hidden_difficulty import POOLINGS, HiddenDifficultyHead, pooled_fe
 from .bank import current_models, is_held_out, read_bank
 from .bench_checks import spearman
 
-RIDGES = (1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
+RIDGES = (0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
 LABELS = ("verifier", "pass_at_1")
 
 
@@ -132,12 +132,15 @@ def main(settings: Any, args: argparse.Namespace) -> int:
         raise SystemExit(f"{args.bank}: {len(problems)} problems with their question; train-difficulty needs >= "
                          f"{args.min_problems} (run `ttc-gateway bank`, and keep the datasets its header names where "
                          f"it can find them)")
+    from .bank import check_prepared
+
+    gws = gateway_settings("prm*arith", args.policy_port, args.reward_port, args.policy_url, args.reward_url)
+    check_prepared(gws)  # the tokenizer and the FLOPs shape come from the model folder even when nothing is encoded
     feats_path = Path(args.features or f"{args.bank}.hidden.npz")
     feats = load_features(feats_path)
     todo = [p for p in problems if p["id"] not in feats]
     t0 = time.monotonic()
     if todo:
-        gws = gateway_settings("prm*arith", args.policy_port, args.reward_port, args.policy_url, args.reward_url)
 
         async def work(gw: Any) -> None:
             for p, f in zip(todo, await encode_all(gw.prm, [p["question"] for p in todo])):
@@ -158,12 +161,12 @@ def main(settings: Any, args: argparse.Namespace) -> int:
     from ..gateway import load_shape, reward_model
     from ..models.prm_head import PRMTokenizer
 
-    shape = load_shape(reward_model(settings), settings.reward.config_path)
-    tokenizer = PRMTokenizer.from_model_dir(reward_model(settings)).tokenizer
+    shape = load_shape(reward_model(gws), gws.reward.config_path)
+    tokenizer = PRMTokenizer.from_model_dir(reward_model(gws)).tokenizer
     tokens = [len(tokenizer.encode(q.strip(), add_special_tokens=False)) for q in questions]  # as encode_question
     per_gen = float(np.mean([s["policy_flops"] + s["reward_flops"] for p in problems for s in p["samples"]]))
     encode = float(np.mean([shape.encode_flops(int(t)) for t in tokens]))
-    head.metadata.update({"model": current_models(settings).get("policy"), "poolings": list(POOLINGS),
+    head.metadata.update({"model": current_models(gws).get("policy"), "poolings": list(POOLINGS),
                           "label": chosen["label"], "fitted_on": int(len(fit)),
                           "bank_created": header.get("created"), "datasets": header.get("datasets"),
                           "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
