@@ -79,6 +79,47 @@ class BestOfNParams(_Sampled):
     # Adaptive sampling: stop drawing batches of `warmup` samples once the leading answer holds this share of the
     # confidence-weighted vote (DeepConf's tau, 0.95 in the paper); 1 = draw all n in one call.
     consensus: float = Field(1.0, gt=0.5, le=1.0)
+    # Early stopping (strategies/stopping.py, the same rule the bank replay measures): draw `round_size` samples at
+    # a time and stop when the vote is settled (Adaptive-Consistency: the posterior probability that the leader is
+    # the majority answer exceeds `stop_threshold`, from `stop_min_samples` samples on) or hopeless (after exactly
+    # `hopeless_k` samples no answer repeats and every verifier score is below `hopeless_score`). Off by default.
+    stopping: Literal["none", "beta", "dirichlet"] = "none"
+    stop_threshold: float = Field(0.95, gt=0.5, lt=1.0)
+    stop_prior: float = Field(1.0, gt=0.0, le=100.0)
+    stop_min_samples: int = Field(2, ge=1, strict=True)
+    hopeless_k: int | None = Field(None, ge=2, strict=True)
+    hopeless_score: float = Field(0.2, gt=0.0, le=1.0)
+    # 1 decides after every sample, as the replay does; larger rounds trade FLOPs for fewer engine calls.
+    round_size: int = Field(1, ge=1, strict=True)
+
+    @field_validator("stopping")
+    @classmethod
+    def _stopping_votes(cls, stopping: str, info: ValidationInfo) -> str:
+        if stopping != "none" and info.data.get("selection") == "confidence":
+            raise ValueError("cannot be combined with selection 'confidence' (its adaptive sampling is `consensus`)")
+        return stopping
+
+    @field_validator("hopeless_k")
+    @classmethod
+    def _hopeless_needs_scores(cls, k: int | None, info: ValidationInfo) -> int | None:
+        if k is None:
+            return k
+        if info.data.get("selection") in ("majority", "confidence"):
+            raise ValueError("needs verifier scores: use selection 'weighted' or 'best'")
+        n = info.data.get("n")
+        if n is not None and k > n:
+            raise ValueError(f"must be <= n ({n})")
+        return k
+
+    @field_validator("round_size")
+    @classmethod
+    def _rounds_need_a_rule(cls, size: int, info: ValidationInfo) -> int:
+        if size > 1 and info.data.get("stopping", "none") == "none" and info.data.get("hopeless_k") is None:
+            raise ValueError("needs a stopping rule (stopping or hopeless_k): rounds without one only split the call")
+        n = info.data.get("n")
+        if n is not None and size > n:
+            raise ValueError(f"must be <= n ({n})")
+        return size
 
 
 class _Beamed(_Stepped):

@@ -1,0 +1,165 @@
+"""Early stopping inside served best-of-N: the rule of strategies/stopping.py applied after every sample, rounds
+under the budget, fresh samples per round, and defaults that keep one batched call."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.strategies import StrategyParamError, build_strategy
+from service.strategies.base import Problem, SamplingParams
+from service.strategies.best_of_n import Prior
+from service.strategies.stopping import StoppingRule, rule_of, stop_reason
+from tests.unit.fakes import BASE_PROMPT, FakePolicy, FakeReward, FlopMeter, round_robin
+
+PROBLEM = Problem(prompt=BASE_PROMPT, question="Q", max_tokens=40)
+
+
+def answer(a: str, verdict: str = "meh") -> str:
+    return f"2 + 2 = {a}\nThe answer is {a}. {verdict}"
+
+
+def first_stop(answers, scores, rule):
+    for m in range(1, len(answers) + 1):
+        why = stop_reason(answers[:m], scores[:m], rule)
+        if why:
+            return m, why
+    return len(answers), None
+
+
+async def run(params, solutions, reward=None, limit=None, meter=None, problem=PROBLEM):
+    meter = meter or FlopMeter()
+    policy = FakePolicy(round_robin(solutions), meter)
+    result = await build_strategy("best_of_n", params).run(problem, policy, reward, meter.budget(limit))
+    return result, policy, meter
+
+
+async def test_unanimous_votes_settle_after_four_single_sample_rounds():
+    result, policy, _ = await run({"n": 16, "selection": "majority", "stopping": "beta"}, [answer("4")])
+    es = result.details["early_stopping"]
+    assert [c.ns for c in policy.calls] == [[1]] * 4 and result.samples == 4
+    assert es == {"rule": "beta p>0.95", "rounds": 4, "samples": 4, "stopped": "settled", "at_sample": 4,
+                  "leader_probability": 0.9688}
+    assert result.answer == "4" and not result.budget_exhausted
+
+
+@pytest.mark.parametrize("script", [
+    ["7", "8", "7", "7", "7", "7", "7", "7", "7", "7"],
+    ["7", "8"] * 6,
+    ["1", "2", "3", "1", "1", "1", "1", "1", "1", "1", "1", "1"],
+    ["5", "5", "6", "5", "5", "5", "5", "5"],
+])
+async def test_served_stop_is_the_pure_rule_on_the_same_sequence(script):
+    rule = StoppingRule(0.9, hopeless_k=None)
+    params = {"n": len(script), "selection": "majority", **rule.ttc_params()}
+    result, policy, _ = await run(params, [answer(a) for a in script])
+    groups = {a: i for i, a in enumerate(dict.fromkeys(script))}
+    at, why = first_stop([groups[a] for a in script], [1.0] * len(script), rule)
+    es = result.details["early_stopping"]
+    assert es["samples"] == at and (es["stopped"] == why if why else es["stopped"] == "n")
+    assert sum(sum(c.ns) for c in policy.calls) == at
+
+
+async def test_a_split_vote_draws_all_n():
+    result, _, _ = await run({"n": 12, "selection": "majority", "stopping": "beta"}, [answer("7"), answer("8")])
+    assert result.details["early_stopping"]["stopped"] == "n" and result.samples == 12
+
+
+async def test_hopeless_stops_after_k_distinct_low_scored_answers():
+    bad = [answer(str(a), "bad") for a in range(1, 9)]
+    result, policy, _ = await run({"n": 8, "hopeless_k": 4}, bad, FakeReward())
+    es = result.details["early_stopping"]
+    assert es["stopped"] == "hopeless" and es["samples"] == 4 and es["rule"] == "hopeless k=4 s<0.2"
+    # A repeat, or one trusted sample, is not hopeless.
+    result, _, _ = await run({"n": 8, "hopeless_k": 4}, [answer("1", "bad"), answer("2", "bad"), answer("1", "bad"),
+                                                         answer("3", "bad")] + bad, FakeReward())
+    assert result.details["early_stopping"]["stopped"] == "n"
+    result, _, _ = await run({"n": 6, "hopeless_k": 4}, [answer("1", "good")] + bad, FakeReward())
+    assert result.details["early_stopping"]["stopped"] == "n"
+
+
+async def test_weighted_and_best_score_each_round_once():
+    for selection in ("weighted", "best"):
+        reward = FakeReward()
+        result, policy, _ = await run({"n": 8, "selection": selection, "stopping": "beta", "round_size": 2},
+                                      [answer("4", "good")], reward)
+        assert [len(c) for c in reward.calls] == [2, 2] and [c.ns for c in policy.calls] == [[2], [2]]
+        assert result.details["early_stopping"]["at_sample"] == 4 and result.answer == "4"
+        assert result.details["selection_used"] == selection
+
+
+async def test_larger_rounds_stop_at_the_end_of_the_round_the_rule_fires_in():
+    result, policy, _ = await run({"n": 16, "selection": "majority", "stopping": "beta", "round_size": 3},
+                                  [answer("4")])
+    es = result.details["early_stopping"]
+    assert [c.ns for c in policy.calls] == [[3], [3]] and es["at_sample"] == 4 and es["samples"] == 6
+    assert result.details["candidates"] == 6  # every sample paid for votes
+
+
+@pytest.mark.parametrize("reward_flops", [0.0, 3.0])
+async def test_budget_is_checked_before_every_round_and_never_exceeded(reward_flops):
+    meter = FlopMeter()
+    per_sample = FakePolicy(round_robin([answer("1")])).estimate_flops([BASE_PROMPT], SamplingParams(40), 1)
+    limit = 5.5 * per_sample
+    reward = FakeReward(meter=meter, flops_per_step=reward_flops)
+    result, policy, meter = await run({"n": 16, "stopping": "beta", "round_size": 2},
+                                      [answer("1"), answer("2"), answer("3")], reward, limit, meter)
+    es = result.details["early_stopping"]
+    assert meter.total <= limit and result.budget_exhausted and es["stopped"] == "budget"
+    assert [c.ns for c in policy.calls][:2] == [[2], [2]] and es["samples"] == sum(sum(c.ns) for c in policy.calls)
+    assert result.text
+
+
+async def test_budget_below_one_sample_returns_empty():
+    result, policy, meter = await run({"n": 4, "stopping": "beta"}, [answer("1")], FakeReward(), limit=1.0)
+    assert result.text == "" and result.budget_exhausted and policy.calls == [] and meter.total == 0
+
+
+async def test_unseeded_rounds_draw_fresh_samples_and_seeded_ones_derive_seeds():
+    _, policy, _ = await run({"n": 5, "selection": "majority", "stopping": "beta"}, [answer("1"), answer("2")])
+    seeds = [c.params.seed for c in policy.calls]
+    assert seeds[0] is None and None not in seeds[1:] and len(set(seeds)) == len(seeds)
+    seeded = Problem(prompt=BASE_PROMPT, question="Q", max_tokens=40, seed=11)
+    _, policy, _ = await run({"n": 5, "selection": "majority", "stopping": "beta"}, [answer("1"), answer("2")],
+                             problem=seeded)
+    seeds = [c.params.seed for c in policy.calls]
+    assert None not in seeds and len(set(seeds)) == len(seeds) == 5
+
+
+async def test_defaults_keep_one_batched_call():
+    result, policy, _ = await run({"n": 6}, [answer("1"), answer("2")], FakeReward())
+    assert [c.ns for c in policy.calls] == [[6]] and "early_stopping" not in result.details
+    assert rule_of(build_strategy("best_of_n", {}).params) is None
+
+
+async def test_prior_samples_count_and_can_settle_without_new_draws():
+    meter = FlopMeter()
+    policy = FakePolicy(round_robin([answer("4", "good")]), meter)
+    prior = Prior((await policy.generate([BASE_PROMPT], SamplingParams(40), 4))[0], [[0.9, 0.9]] * 4)
+    policy.calls.clear()
+    spent = meter.total
+    strategy = build_strategy("best_of_n", {"n": 16, "stopping": "beta"})
+    result = await strategy.run(PROBLEM, policy, FakeReward(), meter.budget(None), prior=prior)
+    assert policy.calls == [] and meter.total == spent
+    assert result.details["early_stopping"]["stopped"] == "settled" and result.details["prior_samples"] == 4
+
+
+@pytest.mark.parametrize("params,param", [
+    ({"selection": "majority", "hopeless_k": 4}, "hopeless_k"),
+    ({"n": 4, "hopeless_k": 5}, "hopeless_k"),
+    ({"round_size": 2}, "round_size"),
+    ({"n": 4, "stopping": "beta", "round_size": 5}, "round_size"),
+    ({"selection": "confidence", "stopping": "beta"}, "stopping"),
+    ({"stopping": "lead"}, "stopping"),
+    ({"stopping": "beta", "stop_threshold": 1.0}, "stop_threshold"),
+])
+def test_invalid_stopping_params_name_the_field(params, param):
+    with pytest.raises(StrategyParamError) as err:
+        build_strategy("best_of_n", params)
+    assert err.value.param == param
+
+
+def test_a_rule_round_trips_through_ttc_params():
+    for rule in (StoppingRule(0.95, hopeless_k=None), StoppingRule(0.8, hopeless_k=4, score_threshold=0.2),
+                 StoppingRule(criterion="none", hopeless_k=3, score_threshold=0.3),
+                 StoppingRule(0.9, prior=0.5, criterion="dirichlet", min_samples=3, hopeless_k=None)):
+        assert rule_of(build_strategy("best_of_n", {"n": 16, **rule.ttc_params()}).params) == rule
