@@ -53,14 +53,15 @@ def _ratio(r: dict[str, Any]) -> dict[str, Any]:
 
 def evaluate(header: dict[str, Any], problems: Sequence[dict[str, Any]], backend: str = "prm*arith", r: int = 128,
              n_boot: int = 1000, seed: int = 0, holdout: float = 0.3, prior_strength: float = 4.0,
-             min_gain: float = 0.005) -> tuple[dict[str, Any], Any]:
-    """(report, the evidence table fitted on the non-held-out problems)."""
+             min_gain: float = 0.005, stopping: Sequence[StoppingRule] = ()) -> tuple[dict[str, Any], Any]:
+    """(report, the evidence table fitted on the non-held-out problems). `stopping`: early-stopping rules added to
+    the grid inside best-of-N (all_configs), so the table may choose them; their params serve the same rule."""
     from .fit import budget_flops
 
     bank = bank_arrays(problems)
     P, S = bank.correct.shape
     ns = tuple(n for n in NS if n <= S // 2) or (1,)  # the bank must hold more samples than the largest N
-    configs = all_configs(ns)
+    configs = all_configs(ns, rules=stopping)
     t0 = time.monotonic()
     ok_all, cost_all, order = replay_orderings(bank, configs, r=r, seed=seed)
     acc, fl = ok_all.mean(1), cost_all.mean(1)
@@ -191,6 +192,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--holdout", type=float, default=0.3, help="share of problems held out of the table fit")
     p.add_argument("--prior-strength", type=float, default=4.0, help="Beta prior strength (pseudo-problems)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stopping", action="store_true",
+                   help="let the table choose early stopping inside best-of-N (the Beta p>0.95 rules measured below)")
     p.add_argument("--allow-stale", action="store_true", help="accept a bank from another model or PRM head")
     p.set_defaults(func=main)
 
@@ -205,7 +208,7 @@ def main(settings: Any, args: argparse.Namespace) -> int:
                         f"{now}; redraw it with `ttc-gateway bank` (or pass --allow-stale)")
     t0 = time.monotonic()
     rep, table = evaluate(header, problems, args.reward, args.orderings, args.bootstrap, args.seed, args.holdout,
-                          args.prior_strength)
+                          args.prior_strength, stopping=RULES[:2] if args.stopping else ())
     rep["run_seconds"] = round(time.monotonic() - t0, 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

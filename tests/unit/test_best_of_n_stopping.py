@@ -163,3 +163,76 @@ def test_a_rule_round_trips_through_ttc_params():
                  StoppingRule(criterion="none", hopeless_k=3, score_threshold=0.3),
                  StoppingRule(0.9, prior=0.5, criterion="dirichlet", min_samples=3, hopeless_k=None)):
         assert rule_of(build_strategy("best_of_n", {"n": 16, **rule.ttc_params()}).params) == rule
+
+
+async def test_bank_replay_of_a_stopping_config_is_what_serving_does():
+    """The same samples in the same order: replay's per-ordering outcome and samples used equal the served run's."""
+    import random
+
+    import numpy as np
+
+    from service.offline.replay import BonConfig, bank_arrays, replay_orderings
+    from service.offline.stopping import stop_points
+    from tests.unit.offline_fakes import problem, sample
+
+    rng = random.Random(3)
+    problems = []
+    for p in range(6):
+        pool = ["1", "2"] if p % 2 else ["1", "2", "3", "4", "5", None]
+        smp = [sample(a, a == "1", rng.choice([0.05, 0.15, 0.6, 0.9])) for a in (rng.choice(pool) for _ in range(8))]
+        problems.append(problem(f"p{p}", smp))
+    bank = bank_arrays(problems)
+    rules = (StoppingRule(0.8, hopeless_k=None), StoppingRule(0.9, hopeless_k=3, score_threshold=0.2))
+    configs = [BonConfig(8, "weighted", "last", "prm", rules[1]), BonConfig(8, "majority", stop=rules[0]),
+               BonConfig(8, "best", "last", "prm", rules[1])]
+    ok, _, order = replay_orderings(bank, configs, r=3, seed=1)
+    # The verdict is a word, so that a sample without an answer holds no number for extract_answer to find.
+    words = {0.05: "tiny", 0.15: "low", 0.6: "fair", 0.9: "high"}
+    reward = FakeReward(step_score=lambda s: next((v for v, w in words.items() if f"[{w}]" in s), 1.0))
+    for i, prob in enumerate(problems):
+        for o in range(3):
+            seq = [prob["samples"][j] for j in order[i, o, :8]]
+            texts = [f"two and two\n{'The answer is ' + s['answer'] if s['answer'] else 'no idea'}. "
+                     f"[{words[s['scores']['prm'][-1]]}]" for s in seq]
+            for k, c in enumerate(configs):
+                served, _, _ = await run({**c.params, "round_size": 1}, texts, reward)
+                used, _ = stop_points(np.array([[[bank.group[i, j] for j in order[i, o, :8]]]]),
+                                      np.array([[[s["scores"]["prm"][-1] for s in seq]]]), c.stop, 8)
+                assert served.details["early_stopping"]["samples"] == int(used[0, 0]), (i, o, c.key)
+                assert (served.answer == "1") == bool(ok[i, o, k]), (i, o, c.key)
+
+
+def test_a_table_entry_with_stopping_round_trips_to_the_served_strategy(tmp_path):
+    """replay's config -> evidence table entry -> saved/loaded -> run_auto (probe samples as prior) -> BestOfN with
+    the same rule; and routing replays find the config again from the entry."""
+    import asyncio
+
+    import numpy as np
+
+    from service.offline.policy import evidence_table, table_outcomes
+    from service.offline.replay import all_configs
+    from service.router.difficulty import run_auto
+    from service.router.table import load
+
+    rule = StoppingRule(0.95, hopeless_k=4, score_threshold=0.2)
+    configs = all_configs((1, 4, 8), backends=("prm*arith",), aggregations=("last",), rules=[rule])
+    stopped = next(k for k, c in enumerate(configs) if c.stop == rule and c.n == 8)
+    P = 20
+    acc = np.full((P, len(configs)), 0.3)
+    acc[:, stopped] = 0.9  # the stopping config wins everywhere
+    flops = np.tile(np.array([c.n for c in configs], float), (P, 1))
+    stat = np.linspace(0, 1, P)
+    table = evidence_table(acc, flops, configs, stat, np.ones(P, bool), (8,), {"per_generation": 1.0}, "prm*arith")
+    table.save(tmp_path / "t.json")
+    table = load(tmp_path / "t.json")
+    assert all(rule_of(build_strategy("best_of_n", e["params"]).params) == rule for e in table.entries)
+    out_a, _ = table_outcomes(table, acc, flops, configs, stat, [8.0])
+    assert np.allclose(out_a, 0.9)
+
+    meter = FlopMeter()
+    policy = FakePolicy(round_robin([answer("4", "good")]), meter)
+    table.probe = {"k": 2, "temperature": 0.8, "max_tokens": 40}
+    result, info = asyncio.run(run_auto(PROBLEM, policy, FakeReward(meter=meter), table, meter.budget(None)))
+    es = result.details["early_stopping"]
+    assert info["params"]["stopping"] == "beta" and es["rule"] == rule.name and es["stopped"] == "settled"
+    assert result.details["reused_probe_samples"] == 2 and sum(sum(c.ns) for c in policy.calls) == 4
