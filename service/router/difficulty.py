@@ -51,8 +51,7 @@ async def probe_difficulty(problem: Problem, policy: Policy, reward: Reward, tab
     calls = BudgetedCalls(policy, reward, budget, problem.seed)
     sampling = SamplingParams(max_tokens=problem.max_tokens, temperature=float(table.probe.get("temperature", 0.8)),
                               top_p=problem.top_p, stop=problem.stop)
-    while k > 0 and not budget.allows(policy.estimate_flops([problem.prompt], sampling, k)):
-        k -= 1
+    k = calls.affordable(problem.prompt, sampling, k)
     if k == 0:
         return ProbeResult(0.0, table.bin_of(0.0), [], None, 0.0, True)
     out = await calls.generate([problem.prompt], sampling, k)

@@ -73,9 +73,7 @@ class BestOfN:
             return await self._rounds(calls, problem, sampling, rule, prior, old, extract)
         if p.selection == "confidence":
             sampling = replace(sampling, top_logprobs=max(sampling.top_logprobs, p.top_logprobs))
-        n = max(0, p.n - len(old))
-        while n > 0 and not budget.allows(policy.estimate_flops([problem.prompt], sampling, n)):
-            n -= 1
+        n = calls.affordable(problem.prompt, sampling, max(0, p.n - len(old)))
         if n == 0 and not old:
             return empty_result(calls)
         calls.exhausted = len(old) + n < p.n
@@ -137,9 +135,7 @@ class BestOfN:
             if len(candidates) >= p.n:
                 why = "n"
                 break
-            size = min(p.round_size, p.n - len(candidates))
-            while size > 0 and not calls.budget.allows(calls.policy.estimate_flops([problem.prompt], sampling, size)):
-                size -= 1
+            size = calls.affordable(problem.prompt, sampling, min(p.round_size, p.n - len(candidates)))
             # Unseeded rounds get fresh seeds (a seeded request gets a derived seed per call in BudgetedCalls), or
             # the gateway's sample reuse would hand every round the same pooled samples; the first round may reuse.
             params = sampling if problem.seed is not None or (rounds == 0 and not old) else \

@@ -28,6 +28,21 @@ class StrategyParamError(ValueError):
         self.message = message
 
 
+def _at_most_n(value: int, info: ValidationInfo) -> int | None:
+    """n (validated before `value`), after checking value <= n; None when n itself was invalid."""
+    n = info.data.get("n")
+    if n is not None and value > n:
+        raise ValueError(f"must be <= n ({n})")
+    return n
+
+
+def _divides_n(value: int, info: ValidationInfo, why: str) -> int:
+    n = _at_most_n(value, info)
+    if n is not None and n % value:
+        raise ValueError(f"must divide n ({n}) exactly: {why}")
+    return value
+
+
 class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -106,9 +121,7 @@ class BestOfNParams(_Sampled):
             return k
         if info.data.get("selection") in ("majority", "confidence"):
             raise ValueError("needs verifier scores: use selection 'weighted' or 'best'")
-        n = info.data.get("n")
-        if n is not None and k > n:
-            raise ValueError(f"must be <= n ({n})")
+        _at_most_n(k, info)
         return k
 
     @field_validator("round_size")
@@ -116,9 +129,7 @@ class BestOfNParams(_Sampled):
     def _rounds_need_a_rule(cls, size: int, info: ValidationInfo) -> int:
         if size > 1 and info.data.get("stopping", "none") == "none" and info.data.get("hopeless_k") is None:
             raise ValueError("needs a stopping rule (stopping or hopeless_k): rounds without one only split the call")
-        n = info.data.get("n")
-        if n is not None and size > n:
-            raise ValueError(f"must be <= n ({n})")
+        _at_most_n(size, info)
         return size
 
 
@@ -129,14 +140,7 @@ class _Beamed(_Stepped):
     @field_validator("beam_width")
     @classmethod
     def _width_divides_n(cls, width: int, info: ValidationInfo) -> int:
-        n = info.data.get("n")
-        if n is None:
-            return width
-        if width > n:
-            raise ValueError(f"must be <= n ({n})")
-        if n % width:
-            raise ValueError(f"must divide n ({n}) exactly: n / beam_width survivors (or subtrees) are kept")
-        return width
+        return _divides_n(width, info, "n / beam_width survivors (or subtrees) are kept")
 
 
 class BeamSearchParams(_Beamed):
@@ -171,14 +175,7 @@ class RevisionsParams(_Sampled):
     @field_validator("chain_length")
     @classmethod
     def _length_divides_n(cls, length: int, info: ValidationInfo) -> int:
-        n = info.data.get("n")
-        if n is None:
-            return length
-        if length > n:
-            raise ValueError(f"must be <= n ({n})")
-        if n % length:
-            raise ValueError(f"must divide n ({n}) exactly: n / chain_length parallel chains")
-        return length
+        return _divides_n(length, info, "n / chain_length parallel chains")
 
 
 def validate_params(model: type[_Params], params: dict[str, Any] | None, max_n: int | None = None) -> _Params:
