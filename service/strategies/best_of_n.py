@@ -157,8 +157,10 @@ class BestOfN:
         voters = candidates
         if selection != "majority" and scored < len(candidates):
             voters, selection = (candidates[:scored], selection) if scored else (candidates, "majority")
+        if len(groups) < len(voters):  # the last round's samples were never grouped (its scoring did not fit)
+            groups = await self._answer_groups(voters, problem.structured)
         info = {"rule": rule.name, "rounds": rounds, "samples": len(candidates) - len(old), "stopped": why,
-                "at_sample": at, "leader_probability": round(leader_probability(groups, rule), 4)}
+                "at_sample": at, "leader_probability": round(leader_probability(groups[:len(voters)], rule), 4)}
         return await self._vote(calls, problem, voters, selection, prior, early_stopping=info)
 
     @staticmethod

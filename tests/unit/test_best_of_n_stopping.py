@@ -236,3 +236,19 @@ def test_a_table_entry_with_stopping_round_trips_to_the_served_strategy(tmp_path
     es = result.details["early_stopping"]
     assert info["params"]["stopping"] == "beta" and es["rule"] == rule.name and es["stopped"] == "settled"
     assert result.details["reused_probe_samples"] == 2 and sum(sum(c.ns) for c in policy.calls) == 4
+
+
+async def test_a_round_whose_scoring_does_not_fit_stays_out_of_a_verifier_vote():
+    texts = [answer("1", "good"), answer("2", "bad")]
+    probe = FakePolicy(round_robin(texts))
+    est = probe.estimate_flops([BASE_PROMPT], SamplingParams(40), 1)
+    await probe.generate([BASE_PROMPT], SamplingParams(40), 1)
+    actual = probe.meter.total  # every sample here costs the same
+    meter = FlopMeter()
+    reward = FakeReward(meter=meter, flops_per_step=est / 2)  # 2 steps a sample: scoring a round of 2 costs 2 est
+    limit = 4 * actual + 4 * est - 1  # round 2 is drawn (2 est of room), its scoring no longer fits
+    result, policy, meter = await run({"n": 8, "stopping": "beta", "round_size": 2}, texts, reward, limit, meter)
+    es = result.details["early_stopping"]
+    assert es["samples"] == 4 and es["rounds"] == 2 and es["stopped"] == "budget" and len(reward.calls) == 1
+    assert result.details["candidates"] == 2 and result.details["selection_used"] == "weighted"
+    assert result.answer == "1" and result.budget_exhausted and meter.total <= limit
