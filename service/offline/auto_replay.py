@@ -3,8 +3,10 @@ the cost of estimating difficulty included.
 
 Per problem and ordering of its samples: when the table's probe (k samples) fits the budget, the first k samples are
 the probe; their mean verifier score (last step) gives the bin; the table is looked up with the budget that remains;
-best-of-N then reuses the probe samples (N' = max(N, k): what best_of_n_with_probe does), so its FLOPs are those of
-N' samples plus the probe's verifier calls. When the probe does not fit, the prompt estimator (no FLOPs) gives the
+best-of-N then reuses the probe samples (N' = max(N, k): what BestOfN with prior samples does), so its FLOPs are
+those of N' samples plus the probe's verifier calls. With early stopping the rule runs over the same ordering from
+its first sample, probe samples included (served: they are BestOfN's prior samples); one difference: when it fires
+inside the probe, serving votes over all k probe samples (already paid for), the replay over the prefix. When the probe does not fit, the prompt estimator (no FLOPs) gives the
 bin and the whole budget is looked up. The only thing not replayed is vLLM's own cost variance.
 """
 
@@ -15,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .policy import bins_of
-from .replay import BankArrays
+from .replay import BankArrays, params_signature
 
 
 def auto_outcomes(table: Any, bank: BankArrays, configs: Sequence[Any], ok: np.ndarray, cost: np.ndarray,
@@ -28,8 +30,8 @@ def auto_outcomes(table: Any, bank: BankArrays, configs: Sequence[Any], ok: np.n
     rows = list(range(bank.correct.shape[0])) if rows is None else list(rows)
     k = int(table.probe.get("k", 4))
     backend = table.reward_backend
-    index = {(c.n, c.selection, None if c.selection == "majority" else c.aggregation): j
-             for j, c in enumerate(configs) if c.selection == "majority" or c.backend == backend}
+    index = {params_signature(c.params): j for j, c in enumerate(configs)
+             if c.selection == "majority" or c.backend == backend}
     max_n = max(c.n for c in configs)
     first_k = order[rows][..., :k]                                              # [p, R, k]
     take = lambda a: np.take_along_axis(a[rows][:, None, :].repeat(order.shape[1], 1), first_k, 2)  # noqa: E731
@@ -53,7 +55,7 @@ def auto_outcomes(table: Any, bank: BankArrays, configs: Sequence[Any], ok: np.n
                     ch = table.lookup(prompt_bins[pi], g)
                     n = int(ch.params["n"])
                 sel = ch.params.get("selection", "weighted")
-                kk = index[(n, sel, None if sel == "majority" else ch.params.get("aggregation", "last"))]
+                kk = index[params_signature(dict(ch.params, n=n))]
                 acc[pi, o] = ok[rows[pi], o, kk]
                 # A majority vote scores nothing itself, but the probe's samples were scored to estimate the bin.
                 extra = probe_reward[pi, o] if probe[pi, o] and sel == "majority" else 0.0

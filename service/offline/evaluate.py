@@ -55,8 +55,10 @@ def _ratio(r: dict[str, Any]) -> dict[str, Any]:
 
 def evaluate(header: dict[str, Any], problems: Sequence[dict[str, Any]], backend: str = "prm*arith", r: int = 128,
              n_boot: int = 1000, seed: int = 0, holdout: float = 0.3, prior_strength: float = 4.0,
-             min_gain: float = 0.005, hidden: dict[str, Any] | None = None) -> tuple[dict[str, Any], Any]:
-    """(report, the evidence table fitted on the non-held-out problems).
+             min_gain: float = 0.005, stopping: Sequence[StoppingRule] = (),
+             hidden: dict[str, Any] | None = None) -> tuple[dict[str, Any], Any]:
+    """(report, the evidence table fitted on the non-held-out problems). `stopping`: early-stopping rules added to
+    the grid inside best-of-N (all_configs), so the table may choose them; their params serve the same rule.
 
     hidden: the zero-decode head's {"prediction": {id: value}, "encode_flops": {id: FLOPs}, "path", "version"};
     the table is then fitted on its predictions (estimator "hidden") and its served `auto` pays the encode FLOPs."""
@@ -65,7 +67,7 @@ def evaluate(header: dict[str, Any], problems: Sequence[dict[str, Any]], backend
     bank = bank_arrays(problems)
     P, S = bank.correct.shape
     ns = tuple(n for n in NS if n <= S // 2) or (1,)  # the bank must hold more samples than the largest N
-    configs = all_configs(ns)
+    configs = all_configs(ns, rules=stopping)
     t0 = time.monotonic()
     ok_all, cost_all, order = replay_orderings(bank, configs, r=r, seed=seed)
     acc, fl = ok_all.mean(1), cost_all.mean(1)
@@ -166,9 +168,9 @@ def hidden_auto_outcomes(table: Any, acc: np.ndarray, flops: np.ndarray, configs
     the budget that remains after it; else the prompt estimator's bin (no FLOPs) and the whole budget."""
     from ..router.difficulty import prompt_bin
     from .policy import bins_of
+    from .replay import params_signature
 
-    index = {(c.params.get("n"), c.params.get("selection"), c.params.get("aggregation")): k
-             for k, c in enumerate(configs)}
+    index = {params_signature(c.params): k for k, c in enumerate(configs)}
     bins = bins_of(stat, table.cuts)
     out_a, out_f = np.zeros((acc.shape[0], len(budgets))), np.zeros((acc.shape[0], len(budgets)))
     for i in range(acc.shape[0]):
@@ -176,7 +178,7 @@ def hidden_auto_outcomes(table: Any, acc: np.ndarray, flops: np.ndarray, configs
             paid = encode[i] <= g
             b = int(bins[i]) if paid else (prompt_bin(table, questions[i]) if table.prompt_model else 3)
             ch = table.lookup(b, g - encode[i] if paid else g)
-            k = index[(ch.params.get("n"), ch.params.get("selection"), ch.params.get("aggregation"))]
+            k = index[params_signature(ch.params)]
             out_a[i, j], out_f[i, j] = acc[i, k], flops[i, k] + (encode[i] if paid else 0.0)
     return out_a, out_f
 
@@ -236,6 +238,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--holdout", type=float, default=0.3, help="share of problems held out of the table fit")
     p.add_argument("--prior-strength", type=float, default=4.0, help="Beta prior strength (pseudo-problems)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stopping", action="store_true",
+                   help="let the table choose early stopping inside best-of-N (the Beta p>0.95 rules measured below)")
     p.add_argument("--allow-stale", action="store_true", help="accept a bank from another model or PRM head")
     p.add_argument("--difficulty-head", help="zero-decode head (.npz from `ttc-gateway train-difficulty`): fit the "
                                              "table on its predictions (estimator hidden)")
@@ -323,7 +327,7 @@ def main(settings: Any, args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     hidden = hidden_inputs(args, problems, settings) if args.difficulty_head else None
     rep, table = evaluate(header, problems, args.reward, args.orderings, args.bootstrap, args.seed, args.holdout,
-                          args.prior_strength, hidden=hidden)
+                          args.prior_strength, stopping=RULES[:2] if args.stopping else (), hidden=hidden)
     rep["run_seconds"] = round(time.monotonic() - t0, 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

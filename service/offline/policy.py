@@ -148,7 +148,9 @@ def table_outcomes(table: PolicyTable, acc: np.ndarray, flops: np.ndarray, confi
                    stat: np.ndarray, budgets: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     """Per-problem accuracy and FLOPs [P, B] of routing with `table` (bins from `stat`, known without cost: the
     probe's cost is not added, so this is an upper bound of the served `auto` with this table)."""
-    index = {(c.params.get("n"), c.params.get("selection"), c.params.get("aggregation")): k
+    from .replay import params_signature
+
+    index = {params_signature(c.params): k
              for k, c in enumerate(configs) if getattr(c, "backend", table.reward_backend) == table.reward_backend
              or c.selection == "majority"}
     bins = bins_of(stat, table.cuts)
@@ -157,6 +159,6 @@ def table_outcomes(table: PolicyTable, acc: np.ndarray, flops: np.ndarray, confi
         for j, g in enumerate(budgets):
             ch = table.lookup(int(b), g)
             assert ch is not None
-            k = index[(ch.params.get("n"), ch.params.get("selection"), ch.params.get("aggregation"))]
+            k = index[params_signature(ch.params)]
             out_a[i, j], out_f[i, j] = acc[i, k], flops[i, k]
     return out_a, out_f

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..strategies.stopping import StoppingRule
 from .bank import BACKENDS, step_scores
 
 AGGREGATIONS = ("last", "min", "prod", "mean")
@@ -30,26 +31,55 @@ class BonConfig:
     selection: str  # majority | weighted | best
     aggregation: str = "last"
     backend: str = "prm*arith"
+    # Early stopping inside best-of-N (served with the same rule: params carry its ttc parameters).
+    stop: StoppingRule | None = None
 
     @property
     def key(self) -> str:
+        rule = "".join(f",{k}={v}" for k, v in sorted(self.stop.ttc_params().items())) if self.stop else ""
         if self.selection == "majority":
-            return f"best_of_n:n={self.n},selection=majority"
-        return f"best_of_n[{self.backend}]:aggregation={self.aggregation},n={self.n},selection={self.selection}"
+            return f"best_of_n:n={self.n},selection=majority" + rule
+        return f"best_of_n[{self.backend}]:aggregation={self.aggregation},n={self.n},selection={self.selection}" + rule
 
     @property
     def params(self) -> dict[str, Any]:
+        """The served strategy's `ttc` parameters (a table entry's params)."""
         p: dict[str, Any] = {"n": self.n, "selection": self.selection}
         if self.selection != "majority":
             p["aggregation"] = self.aggregation
+        if self.stop is not None:
+            p.update(self.stop.ttc_params())
         return p
+
+    @property
+    def signature(self) -> tuple:
+        """What identifies the config among a table's params (routing replays look entries up by it)."""
+        return params_signature(self.params)
+
+
+def params_signature(params: dict[str, Any]) -> tuple:
+    """Best-of-N table params, normalised: aggregation means nothing to a majority vote."""
+    p = dict(params)
+    p.setdefault("selection", "weighted")
+    if p["selection"] == "majority":
+        p.pop("aggregation", None)
+    else:
+        p.setdefault("aggregation", "last")
+    return tuple(sorted(p.items()))
 
 
 def all_configs(ns: Sequence[int] = NS, backends: Sequence[str] = BACKENDS,
-                aggregations: Sequence[str] = AGGREGATIONS) -> list[BonConfig]:
+                aggregations: Sequence[str] = AGGREGATIONS, rules: Sequence[StoppingRule] = ()) -> list[BonConfig]:
+    """The grid; with `rules`, each rule also inside best-of-N majority (rules without a hopeless stop: serving's
+    majority has no verifier scores) and weighted (last-step scores), for every N above 2."""
     out = [BonConfig(n, "majority") for n in ns]
     out += [BonConfig(n, sel, agg, b) for b in backends for agg in aggregations for sel in ("weighted", "best")
             for n in ns]
+    for rule in rules:
+        if not rule.hopeless_k:
+            out += [BonConfig(n, "majority", stop=rule) for n in ns if n > 2]
+        out += [BonConfig(n, "weighted", "last", b, rule) for b in backends for n in ns
+                if n > 2 and (rule.hopeless_k or 0) <= n]
     return out
 
 
@@ -156,17 +186,25 @@ def replay_orderings(bank: BankArrays, configs: Sequence[BonConfig], r: int = 12
         pol, rew = take(bank.policy_flops), take(bank.reward_flops)
         for k, c in enumerate(configs):
             n = c.n
-            cost = pol[..., :n].sum(2) + bank.question_charge[sl, None]
+            g, used = grp[..., :n], np.ones(n, bool)
+            w = take(bank.scores[(c.backend, c.aggregation)])[..., :n] if c.selection != "majority" or c.stop else None
+            if c.stop is not None:
+                # Samples after the stop are never drawn: out of the vote and the FLOPs.
+                from .stopping import stop_points
+
+                stops, _ = stop_points(g, w, c.stop, bank.group_correct.shape[1])
+                used = np.arange(1, n + 1) <= stops[..., None]             # [p, R, n]
+                g = np.where(used, g, -1)
+            cost = (pol[..., :n] * used).sum(2) + bank.question_charge[sl, None]
             if c.selection == "majority":
-                ok = _vote(grp[..., :n], bank.group_correct[sl], np.ones(grp[..., :n].shape), False)
+                ok = _vote(g, bank.group_correct[sl], np.ones(g.shape), False)
             else:
-                w = take(bank.scores[(c.backend, c.aggregation)])[..., :n]
                 if c.backend != "arith":
-                    cost = cost + rew[..., :n].sum(2)
+                    cost = cost + (rew[..., :n] * used).sum(2)
                 if c.selection == "best":
-                    ok = np.take_along_axis(cor[..., :n], w.argmax(2)[..., None], 2)[..., 0]
+                    ok = np.take_along_axis(cor[..., :n], np.where(used, w, -np.inf).argmax(2)[..., None], 2)[..., 0]
                 else:
-                    ok = _vote(grp[..., :n], bank.group_correct[sl], np.maximum(w, 0.0), True)
+                    ok = _vote(g, bank.group_correct[sl], np.maximum(w, 0.0) * used, True)
             ok_all[sl, :, k], fl_all[sl, :, k] = ok, cost
     return ok_all, fl_all, order
 

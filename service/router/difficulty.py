@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from ..strategies.base import Completion, ComputeBudget, Policy, Problem, Reward, SamplingParams, StrategyResult
-from ..strategies.calls import BudgetedCalls, build_result, empty_result
+from ..strategies.best_of_n import Prior
+from ..strategies.calls import BudgetedCalls
 from ..strategies.params import DEFAULT_STEP_DELIMITER
 from ..strategies.steps import split_steps
-from ..strategies.voting import Candidate, aggregate_scores, select_async
+from ..strategies.voting import aggregate_scores
 from .table import PolicyTable
 
 log = logging.getLogger("ttc.router")
@@ -53,8 +54,7 @@ async def probe_difficulty(problem: Problem, policy: Policy, reward: Reward, tab
     calls = BudgetedCalls(policy, reward, budget, problem.seed)
     sampling = SamplingParams(max_tokens=problem.max_tokens, temperature=float(table.probe.get("temperature", 0.8)),
                               top_p=problem.top_p, stop=problem.stop)
-    while k > 0 and not budget.allows(policy.estimate_flops([problem.prompt], sampling, k)):
-        k -= 1
+    k = calls.affordable(problem.prompt, sampling, k)
     if k == 0:
         return ProbeResult(0.0, table.bin_of(0.0), [], None, 0.0, True)
     out = await calls.generate([problem.prompt], sampling, k)
@@ -66,43 +66,18 @@ async def probe_difficulty(problem: Problem, policy: Policy, reward: Reward, tab
 
 async def best_of_n_with_probe(problem: Problem, policy: Policy, reward: Reward | None, budget: ComputeBudget,
                                probe: ProbeResult, n: int, selection: str = "weighted",
-                               aggregation: str = "last", temperature: float = 0.8) -> StrategyResult:
-    """Best-of-N where the probe's k samples (already paid for and scored) count towards N.
+                               aggregation: str = "last", temperature: float = 0.8,
+                               **params: Any) -> StrategyResult:
+    """Best-of-N where the probe's k samples (already paid for and scored) count towards N: the one BestOfN, given
+    them as prior samples. Draws max(0, n - k) more (shrinking to what the budget allows), scores only the new ones
+    and votes over all; with n <= k nothing new is drawn (more evidence at no extra cost)."""
+    from ..strategies import build_strategy
 
-    Draws max(0, n - k) more samples (shrinking to what the budget allows), scores only the new ones, and votes over
-    all of them. With n <= k nothing new is drawn and the vote runs over the k probe samples (more evidence at no
-    extra cost). This is the hook the serving layer needs: BestOfN.run(..., prior=[(completion, step_scores)]).
-    """
-    calls = BudgetedCalls(policy, reward, budget, problem.seed)
-    sampling = SamplingParams(max_tokens=problem.max_tokens, temperature=temperature, top_p=problem.top_p,
-                              stop=problem.stop)
-    prior = list(probe.samples)
-    prior_scores = probe.scores if probe.scores is not None else [[] for _ in prior]
-    extra = max(0, n - len(prior))
-    while extra > 0 and not budget.allows(policy.estimate_flops([problem.prompt], sampling, extra)):
-        extra -= 1
-    calls.exhausted = len(prior) + extra < n
-    new: list[Completion] = []
-    if extra:
-        out = await calls.generate([problem.prompt], sampling, extra)
-        new = out[0] if out else []
-    if not prior and not new:
-        return empty_result(calls)
-    candidates = [Candidate.of(c.text, 1.0, c.finish_reason, c.token_count) for c in prior + new]
-    selection_used = selection
-    if selection != "majority":
-        new_scores: list[list[float]] | None = []
-        if new:
-            new_scores = await calls.score(problem.question, [split_steps(c.text, DEFAULT_STEP_DELIMITER)
-                                                              for c in new])
-        if new_scores is None or probe.scores is None:
-            selection_used = "majority"
-        else:
-            for cand, row in zip(candidates, list(prior_scores) + list(new_scores)):
-                cand.score = aggregate_scores(row, aggregation)  # type: ignore[arg-type]
-    choice = await select_async(candidates, selection_used)  # type: ignore[arg-type]
-    return build_result(calls, choice, selection, DEFAULT_STEP_DELIMITER, len(candidates),
-                        selection_used=selection_used, n_used=len(candidates), reused_probe_samples=len(prior))
+    strategy = build_strategy("best_of_n", dict(params, n=n, selection=selection, aggregation=aggregation,
+                                                temperature=temperature))
+    result = await strategy.run(problem, policy, reward, budget, prior=Prior(probe.samples, probe.scores))
+    result.details["reused_probe_samples"] = len(probe.samples)
+    return result
 
 
 # ---- (b) the prompt-statistics estimator -----------------------------------------------------------------------
@@ -234,9 +209,12 @@ async def run_auto(problem: Problem, policy: Policy, reward: Reward | None, tabl
     params = dict(choice.params)
     if max_n is not None and "n" in params:
         params["n"] = min(int(params["n"]), max_n)
-    if choice.strategy == "best_of_n" and probe is not None and probe.samples:
-        result = await best_of_n_with_probe(problem, policy, reward, budget, probe, int(params.get("n", k)),
-                                            params.get("selection", "weighted"), params.get("aggregation", "last"))
+    if choice.strategy == "best_of_n" and probe is not None and probe.samples \
+            and params.get("selection") != "confidence":
+        # New samples come from the probe's distribution, so that all of them vote alike.
+        params.setdefault("temperature", float(table.probe.get("temperature", 0.8)))
+        params.setdefault("n", k)
+        result = await best_of_n_with_probe(problem, policy, reward, budget, probe, **params)
     else:
         strategy = build_strategy(choice.strategy, params, max_n=max_n)
         result = await strategy.run(problem, policy, reward, budget, progress)

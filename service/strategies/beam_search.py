@@ -22,10 +22,13 @@ be chosen (all survivors and all finished solutions), so the final text always s
 
 from __future__ import annotations
 
-from .base import ComputeBudget, Policy, Problem, ProgressCallback, Reward, StrategyResult
-from .calls import BudgetedCalls, inherit_scores, score_nodes, tree_result
-from .params import BeamSearchParams, StrategyParamError, sampling_temperature
-from .steps import Node, PrefixStreamer, expand, first_finished, has_final_answer, split_steps, step_params
+from typing import Sequence
+
+from .base import Problem
+from .calls import BudgetedCalls, score_nodes
+from .params import BeamSearchParams
+from .steps import Node, first_finished, has_final_answer, step_params
+from .tree import Search, TreeSearch
 
 
 def spread(total: int, parts: int) -> list[int]:
@@ -34,53 +37,32 @@ def spread(total: int, parts: int) -> list[int]:
     return [base + (i < extra) for i in range(parts)]
 
 
-class BeamSearch:
+class BeamSearch(TreeSearch):
     name = "beam_search"
-    requires_reward = True
+    reward_use = "rank steps"
+    params: BeamSearchParams
 
-    def __init__(self, params: BeamSearchParams):
-        self.params = params
+    async def score(self, search: Search, children: list[Node]) -> None:
+        # Finished children are scored on their own text, open ones on their lookahead rollouts.
+        done = [c for c in children if c.finished]
+        open_nodes = [c for c in children if not c.finished]
+        texts = [c.text for c in done] + await self._rollouts(search.calls, search.problem, open_nodes)
+        await score_nodes(search.calls, search.problem.question, done + open_nodes, search.delimiter,
+                          self.params.aggregation, texts)
 
-    async def run(self, problem: Problem, policy: Policy, reward: Reward | None, budget: ComputeBudget,
-                  progress: ProgressCallback | None = None) -> StrategyResult:
+    def collect(self, search: Search, families: list[list[Node]], children: list[Node]) -> bool:
+        search.finished += [c for c in children if c.finished]
+        search.open_nodes = [c for c in children if not c.finished]
+        return len(search.finished) < self.params.n and bool(search.open_nodes)
+
+    def next_frontier(self, search: Search) -> None:
+        # Stable sort: among equal scores the earlier child survives (deterministic).
         p = self.params
-        if reward is None:
-            raise StrategyParamError("strategy", "beam_search needs a reward model to rank steps")
-        calls = BudgetedCalls(policy, reward, budget, problem.seed)
-        delimiter, temperature = p.step_delimiter, sampling_temperature(p, problem.temperature)
-        streamer = PrefixStreamer(progress, delimiter)
-        survivors, widths = [Node()], [p.n]
-        open_nodes: list[Node] = []
-        finished: list[Node] = []
-        rounds = 0
-        for round_index in range(p.max_rounds):
-            last = round_index == p.max_rounds - 1
-            params = step_params(survivors, problem, temperature, delimiter, last)
-            # Keep room to score the children (at least what scoring their parents would cost).
-            reserve = calls.reward_estimate(problem.question, [split_steps(s.text, delimiter) or [""]
-                                                               for s, w in zip(survivors, widths) for _ in range(w)])
-            outputs = await calls.generate([problem.prompt + s.text for s in survivors], params, widths, reserve)
-            if outputs is None:
-                # Only the survivors were eligible when we last streamed; pruned beams must not come back.
-                open_nodes = survivors if round_index else []
-                break
-            rounds += 1
-            families = expand(survivors, outputs, delimiter, problem, round_index, last)
-            inherit_scores(families, survivors)
-            children = [child for family in families for child in family]
-            open_nodes = [c for c in children if not c.finished]
-            done = [c for c in children if c.finished]
-            texts = [c.text for c in done] + await self._rollouts(calls, problem, open_nodes)
-            await score_nodes(calls, problem.question, done + open_nodes, delimiter, p.aggregation, texts)
-            finished += done
-            if len(finished) >= p.n or not open_nodes or calls.exhausted:
-                break
-            # Stable sort: among equal scores the earlier child survives (deterministic).
-            survivors = sorted(open_nodes, key=lambda n: -(n.score or 0.0))[: p.n // p.beam_width]
-            widths = spread(p.n, len(survivors))
-            await streamer.update([s.text for s in survivors] + [f.text for f in finished])
-        return await tree_result(calls, first_finished(finished, p.n), open_nodes, p.selection, delimiter,
-                           rounds=rounds, finished_count=len(finished), streamed=streamer.sent)
+        search.frontier = sorted(search.open_nodes, key=lambda n: -(n.score or 0.0))[: p.n // p.beam_width]
+        search.widths = spread(p.n, len(search.frontier))
+
+    def answers(self, search: Search) -> Sequence[Node]:
+        return first_finished(search.finished, self.params.n)
 
     async def _rollouts(self, calls: BudgetedCalls, problem: Problem, nodes: list[Node]) -> list[str]:
         """Each node's text followed by up to `lookahead` greedy steps (batched per step across nodes)."""

@@ -5,6 +5,14 @@ budget_exhausted). If not even one fits, nothing is generated and the result is 
 the budget is a hard limit, so there is no "one greedy sample anyway". If the samples fit but scoring them does not,
 the vote falls back to majority (details["selection_used"]).
 
+Early stopping (`stopping`, `hopeless_k`): samples come in rounds of `round_size`, each round budget-checked like
+the single call, and the rule of strategies/stopping.py is applied after every sample in draw order (exactly as the
+bank replay applies it); sampling stops at the end of the round in which it fires. details["early_stopping"] says
+how many rounds and samples it took and why it stopped: settled, hopeless, n (all N drawn) or budget.
+
+Prior samples (`run(..., prior=Prior(...))`: `auto`'s probe samples, already paid for and maybe scored) count towards
+N: only the missing ones are drawn and scored, and the vote runs over all of them.
+
 `selection: confidence` is DeepConf's offline mode (Fu et al. 2025): the samples come back with their top-k token
 log-probabilities (same engine call, no verifier, zero reward FLOPs), each gets a trace confidence, the eta % most
 confident are kept and vote weighted by confidence. The online mode's stopping threshold (from the first `warmup`
@@ -18,16 +26,25 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Sequence
 
 from service.rewards.confidence import consensus, first_stop, token_confidences, trace_confidence, warmup_threshold
 
-from .base import Completion, ComputeBudget, Policy, Problem, ProgressCallback, Reward, StrategyResult
-from .calls import build_result, empty_result, start_sampling
+from .base import Completion, ComputeBudget, Policy, Problem, ProgressCallback, Reward, SamplingParams, StrategyResult
+from .calls import BudgetedCalls, build_result, empty_result, score_candidates, start_sampling
 from .params import DEFAULT_STEP_DELIMITER, BestOfNParams
-from .steps import split_steps
-from .voting import (Candidate, aggregate_scores, extract_answer, group_by_answer, json_answer, json_equal,
-                     select_async)
+from .stopping import StoppingRule, leader_probability, rule_of, stop_reason
+from .voting import (Candidate, aggregate_scores, extract_answer, group_by_answer, group_by_answer_async,
+                     json_answer, json_equal, select_async)
+
+
+@dataclass
+class Prior:
+    """Samples drawn before this best-of-N ran, and their step scores (None: not scored)."""
+
+    samples: Sequence[Completion]
+    scores: Sequence[Sequence[float]] | None = None
 
 
 class BestOfN:
@@ -41,42 +58,120 @@ class BestOfN:
         return self.params.selection not in ("majority", "confidence")
 
     async def run(self, problem: Problem, policy: Policy, reward: Reward | None, budget: ComputeBudget,
-                  progress: ProgressCallback | None = None) -> StrategyResult:
+                  progress: ProgressCallback | None = None, prior: Prior | None = None) -> StrategyResult:
         p = self.params
+        if prior is not None and p.selection == "confidence":
+            raise ValueError("prior samples carry no token log-probabilities: not with selection 'confidence'")
+        if prior is not None and problem.seed is not None:
+            # The prior samples were drawn with this seed's first derived seed: new ones must not repeat them.
+            problem = replace(problem, seed=problem.seed + 1)
         calls, sampling = start_sampling(p, problem, policy, reward, budget, self.requires_reward)
+        extract = json_answer if problem.structured else extract_answer
+        old = self._prior_candidates(prior, extract)
+        rule = rule_of(p)
+        if rule is not None:
+            return await self._rounds(calls, problem, sampling, rule, prior, old, extract)
         if p.selection == "confidence":
             sampling = replace(sampling, top_logprobs=max(sampling.top_logprobs, p.top_logprobs))
-        n = p.n
-        while n > 0 and not budget.allows(policy.estimate_flops([problem.prompt], sampling, n)):
-            n -= 1
-        if n == 0:
+        n = calls.affordable(problem.prompt, sampling, max(0, p.n - len(old)))
+        if n == 0 and not old:
             return empty_result(calls)
-        calls.exhausted = n < p.n
+        calls.exhausted = len(old) + n < p.n
         adaptive = None
         if p.selection == "confidence" and p.consensus < 1.0:
             samples, adaptive = await self._adaptive(calls, problem, sampling, n)
             out = [samples] if samples else None
         else:
-            out = await calls.generate([problem.prompt], sampling, n)
+            out = await calls.generate([problem.prompt], sampling, n) if n else [[]]
         if out is None:  # the meter moved between the check and the call (another request's worker time)
             return empty_result(calls)
-        extract = json_answer if problem.structured else extract_answer
-        candidates = [Candidate.of(c.text, 1.0, c.finish_reason, c.token_count, extract) for c in out[0]]
+        new = [Candidate.of(c.text, 1.0, c.finish_reason, c.token_count, extract) for c in out[0]]
         if p.selection == "confidence":
-            return await self._confidence_vote(calls, out[0], candidates, n, adaptive)
+            return await self._confidence_vote(calls, out[0], new, n, adaptive)
+        selection = await score_candidates(calls, problem.question, new, p.selection, p.aggregation)
+        if prior is not None and prior.scores is None:
+            selection = "majority"
+        return await self._vote(calls, problem, old + new, selection, prior)
 
-        selection = p.selection
-        if selection != "majority":
-            steps = [split_steps(c.text, DEFAULT_STEP_DELIMITER) for c in candidates]
-            scores = await calls.score(problem.question, steps)
-            if scores is None:
-                selection = "majority"
-            else:
-                for candidate, row in zip(candidates, scores):
-                    candidate.score = aggregate_scores(row, p.aggregation)
+    def _prior_candidates(self, prior: Prior | None, extract) -> list[Candidate]:
+        if prior is None:
+            return []
+        out = [Candidate.of(c.text, 1.0, c.finish_reason, c.token_count, extract) for c in prior.samples]
+        if prior.scores is not None and self.params.selection != "majority":
+            for candidate, row in zip(out, prior.scores, strict=True):
+                candidate.score = aggregate_scores(row, self.params.aggregation)
+        return out
+
+    async def _vote(self, calls: BudgetedCalls, problem: Problem, candidates: list[Candidate], selection: str,
+                    prior: Prior | None, **details) -> StrategyResult:
         choice = await select_async(candidates, selection, json_equal if problem.structured else None)
-        return build_result(calls, choice, p.selection, DEFAULT_STEP_DELIMITER, len(candidates),
-                            selection_used=selection, n_used=n)
+        if prior is not None:
+            details["prior_samples"] = len(prior.samples)
+        return build_result(calls, choice, self.params.selection, DEFAULT_STEP_DELIMITER, len(candidates),
+                            selection_used=selection, n_used=len(candidates), **details)
+
+    async def _rounds(self, calls: BudgetedCalls, problem: Problem, sampling: SamplingParams, rule: StoppingRule,
+                      prior: Prior | None, old: list[Candidate], extract) -> StrategyResult:
+        """Sampling in rounds until the stopping rule fires, N samples are drawn or the budget is spent."""
+        p = self.params
+        candidates, scored = list(old), len(old)
+        selection = "majority" if prior is not None and prior.scores is None else p.selection
+        if selection == "majority":
+            rule = replace(rule, hopeless_k=None)  # "every verifier score is low" cannot be judged without scores
+        checked, rounds, why, at = 0, 0, None, None
+        groups: list[int | None] = []
+        rng = random.Random()
+        while True:
+            groups = await self._answer_groups(candidates, problem.structured)
+            scores = [c.score for c in candidates] if selection != "majority" else []
+            for m in range(checked + 1, len(candidates) + 1):
+                why = stop_reason(groups[:m], scores[:m], rule)
+                if why:
+                    at = m
+                    break
+            checked = len(candidates)
+            if why:
+                break
+            if len(candidates) >= p.n:
+                why = "n"
+                break
+            size = calls.affordable(problem.prompt, sampling, min(p.round_size, p.n - len(candidates)))
+            # Unseeded rounds get fresh seeds (a seeded request gets a derived seed per call in BudgetedCalls), or
+            # the gateway's sample reuse would hand every round the same pooled samples; the first round may reuse.
+            params = sampling if problem.seed is not None or (rounds == 0 and not old) else \
+                replace(sampling, seed=rng.randrange(2**31))
+            out = await calls.generate([problem.prompt], params, size) if size else None
+            if out is None:
+                calls.exhausted, why = True, "budget"
+                break
+            rounds += 1
+            new = [Candidate.of(c.text, 1.0, c.finish_reason, c.token_count, extract) for c in out[0]]
+            candidates += new
+            if selection != "majority":
+                if await score_candidates(calls, problem.question, new, selection, p.aggregation) == "majority":
+                    why = "budget"  # a vote on verifier scores leaves this round's unscored samples out
+                    break
+                scored = len(candidates)
+        if not candidates:
+            return empty_result(calls)
+        voters = candidates
+        if selection != "majority" and scored < len(candidates):
+            voters, selection = (candidates[:scored], selection) if scored else (candidates, "majority")
+        if len(groups) < len(voters):  # the last round's samples were never grouped (its scoring did not fit)
+            groups = await self._answer_groups(voters, problem.structured)
+        info = {"rule": rule.name, "rounds": rounds, "samples": len(candidates) - len(old), "stopped": why,
+                "at_sample": at, "leader_probability": round(leader_probability(groups[:len(voters)], rule), 4)}
+        return await self._vote(calls, problem, voters, selection, prior, early_stopping=info)
+
+    @staticmethod
+    async def _answer_groups(candidates: list[Candidate], structured: bool) -> list[int | None]:
+        """Each candidate's answer group (first-occurrence order, None without an answer): the canonical answers
+        the rule counts, under the same equivalence as the vote. A prefix's groups do not depend on later ones."""
+        index: list[int | None] = [None] * len(candidates)
+        for g, members in enumerate(await group_by_answer_async(candidates, json_equal if structured else None)):
+            for i in members:
+                index[i] = g
+        return index
 
     async def _adaptive(self, calls, problem: Problem, sampling, n: int) -> tuple[list[Completion], dict]:
         """DeepConf's adaptive sampling: batches of `warmup` samples until the confidence-weighted vote is settled

@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import Any, Sequence
 
 from .base import Completion, ComputeBudget, Policy, Reward, SamplingParams, StrategyResult
+from .params import DEFAULT_STEP_DELIMITER
 from .steps import Node, split_steps
 from .voting import Candidate, Choice, aggregate_scores, select, select_async
 
@@ -47,6 +48,12 @@ class BudgetedCalls:
             if n > 0:
                 groups[n].append(prompt)
         return sum(self.policy.estimate_flops(group, params, n) for n, group in groups.items())
+
+    def affordable(self, prompt: str, params: SamplingParams, n: int) -> int:
+        """The largest count <= n of samples of `prompt` whose worst-case cost fits the budget (anytime N)."""
+        while n > 0 and not self.budget.allows(self.policy.estimate_flops([prompt], params, n)):
+            n -= 1
+        return n
 
     def fits(self, flops: float) -> bool:
         if self.budget.allows(flops):
@@ -103,6 +110,20 @@ class BudgetedCalls:
         scores = await self.reward.score(question, candidates)
         # Scores are probabilities; clamping keeps a misbehaving reward from breaking weighted votes.
         return [[min(1.0, max(0.0, float(s))) for s in row] for row in scores]
+
+
+async def score_candidates(calls: BudgetedCalls, question: str, candidates: Sequence[Candidate], selection: str,
+                           aggregation: str, delimiter: str = DEFAULT_STEP_DELIMITER) -> str:
+    """Scores whole-answer candidates for a verifier vote (one Reward.score call) and returns the selection that
+    can run: the asked one, or "majority" when it needs no scores or the budget does not allow scoring them."""
+    if selection == "majority" or not candidates:
+        return selection
+    rows = await calls.score(question, [split_steps(c.text, delimiter) for c in candidates])
+    if rows is None:
+        return "majority"
+    for candidate, row in zip(candidates, rows, strict=True):
+        candidate.score = aggregate_scores(row, aggregation)  # type: ignore[arg-type]
+    return selection
 
 
 def empty_result(calls: BudgetedCalls, reason: str = "the budget does not allow a single generation") -> StrategyResult:

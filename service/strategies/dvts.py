@@ -17,55 +17,43 @@ answer, which with several subtrees usually means nothing before the end.
 
 from __future__ import annotations
 
-from .base import ComputeBudget, Policy, Problem, ProgressCallback, Reward, StrategyResult
-from .calls import BudgetedCalls, inherit_scores, score_nodes, tree_result
-from .params import DVTSParams, StrategyParamError, sampling_temperature
-from .steps import Node, PrefixStreamer, expand, split_steps, step_params
+from typing import Any
+
+from .base import Problem
+from .calls import BudgetedCalls
+from .params import DVTSParams
+from .steps import Node
+from .tree import Search, TreeSearch
 
 
-class DVTS:
+class DVTS(TreeSearch):
     name = "dvts"
-    requires_reward = True
+    reward_use = "choose steps"
+    params: DVTSParams
 
-    def __init__(self, params: DVTSParams):
-        self.params = params
+    def new_search(self, calls: BudgetedCalls, problem: Problem, delimiter: str, temperature: float) -> Search:
+        search = Search(calls, problem, delimiter, temperature)
+        self._subtrees(search, [Node() for _ in range(self.params.n // self.params.beam_width)])
+        return search
 
-    async def run(self, problem: Problem, policy: Policy, reward: Reward | None, budget: ComputeBudget,
-                  progress: ProgressCallback | None = None) -> StrategyResult:
-        p = self.params
-        if reward is None:
-            raise StrategyParamError("strategy", "dvts needs a reward model to choose steps")
-        calls = BudgetedCalls(policy, reward, budget, problem.seed)
-        delimiter, temperature = p.step_delimiter, sampling_temperature(p, problem.temperature)
-        streamer = PrefixStreamer(progress, delimiter)
-        subtrees = [Node() for _ in range(p.n // p.beam_width)]
-        pool: list[Node] = []
-        rounds = 0
-        for round_index in range(p.max_rounds):
-            if not subtrees:
-                break
-            last = round_index == p.max_rounds - 1
-            params = step_params(subtrees, problem, temperature, delimiter, last)
-            reserve = calls.reward_estimate(problem.question, [split_steps(s.text, delimiter) or [""]
-                                                               for s in subtrees for _ in range(p.beam_width)])
-            outputs = await calls.generate([problem.prompt + s.text for s in subtrees], params, p.beam_width, reserve)
-            if outputs is None:
-                break
-            rounds += 1
-            families = expand(subtrees, outputs, delimiter, problem, round_index, last)
-            inherit_scores(families, subtrees)
-            await score_nodes(calls, problem.question, [c for f in families for c in f], delimiter, p.aggregation)
-            still_open = []
-            for family in families:
-                # max() keeps the first of equal scores: deterministic.
-                best = max(family, key=lambda n: n.score or 0.0)
-                if best.finished:
-                    pool += [best] + [c for c in family if c is not best and c.finished]
-                else:
-                    still_open.append(best)
-            subtrees = still_open
-            if calls.exhausted:
-                break
-            await streamer.update([s.text for s in subtrees] + [a.text for a in pool])
-        return await tree_result(calls, pool, subtrees, p.selection, delimiter, rounds=rounds,
-                           subtrees=p.n // p.beam_width, streamed=streamer.sent)
+    def _subtrees(self, search: Search, open_subtrees: list[Node]) -> None:
+        search.frontier = search.open_nodes = open_subtrees
+        search.widths = [self.params.beam_width] * len(open_subtrees)
+
+    def collect(self, search: Search, families: list[list[Node]], children: list[Node]) -> bool:
+        still_open = []
+        for family in families:
+            # max() keeps the first of equal scores: deterministic.
+            best = max(family, key=lambda n: n.score or 0.0)
+            if best.finished:
+                search.finished += [best] + [c for c in family if c is not best and c.finished]
+            else:
+                still_open.append(best)
+        self._subtrees(search, still_open)
+        return True
+
+    def on_budget(self, search: Search, round_index: int) -> list[Node]:
+        return search.frontier  # unfinished subtrees are dropped unless nothing finished
+
+    def details(self, search: Search) -> dict[str, Any]:
+        return {"subtrees": self.params.n // self.params.beam_width}

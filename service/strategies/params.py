@@ -28,6 +28,21 @@ class StrategyParamError(ValueError):
         self.message = message
 
 
+def _at_most_n(value: int, info: ValidationInfo) -> int | None:
+    """n (validated before `value`), after checking value <= n; None when n itself was invalid."""
+    n = info.data.get("n")
+    if n is not None and value > n:
+        raise ValueError(f"must be <= n ({n})")
+    return n
+
+
+def _divides_n(value: int, info: ValidationInfo, why: str) -> int:
+    n = _at_most_n(value, info)
+    if n is not None and n % value:
+        raise ValueError(f"must divide n ({n}) exactly: {why}")
+    return value
+
+
 class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -79,6 +94,43 @@ class BestOfNParams(_Sampled):
     # Adaptive sampling: stop drawing batches of `warmup` samples once the leading answer holds this share of the
     # confidence-weighted vote (DeepConf's tau, 0.95 in the paper); 1 = draw all n in one call.
     consensus: float = Field(1.0, gt=0.5, le=1.0)
+    # Early stopping (strategies/stopping.py, the same rule the bank replay measures): draw `round_size` samples at
+    # a time and stop when the vote is settled (Adaptive-Consistency: the posterior probability that the leader is
+    # the majority answer exceeds `stop_threshold`, from `stop_min_samples` samples on) or hopeless (after exactly
+    # `hopeless_k` samples no answer repeats and every verifier score is below `hopeless_score`). Off by default.
+    stopping: Literal["none", "beta", "dirichlet"] = "none"
+    stop_threshold: float = Field(0.95, gt=0.5, lt=1.0)
+    stop_prior: float = Field(1.0, gt=0.0, le=100.0)
+    stop_min_samples: int = Field(2, ge=1, strict=True)
+    hopeless_k: int | None = Field(None, ge=2, strict=True)
+    hopeless_score: float = Field(0.2, gt=0.0, le=1.0)
+    # 1 decides after every sample, as the replay does; larger rounds trade FLOPs for fewer engine calls.
+    round_size: int = Field(1, ge=1, strict=True)
+
+    @field_validator("stopping")
+    @classmethod
+    def _stopping_votes(cls, stopping: str, info: ValidationInfo) -> str:
+        if stopping != "none" and info.data.get("selection") == "confidence":
+            raise ValueError("cannot be combined with selection 'confidence' (its adaptive sampling is `consensus`)")
+        return stopping
+
+    @field_validator("hopeless_k")
+    @classmethod
+    def _hopeless_needs_scores(cls, k: int | None, info: ValidationInfo) -> int | None:
+        if k is None:
+            return k
+        if info.data.get("selection") in ("majority", "confidence"):
+            raise ValueError("needs verifier scores: use selection 'weighted' or 'best'")
+        _at_most_n(k, info)
+        return k
+
+    @field_validator("round_size")
+    @classmethod
+    def _rounds_need_a_rule(cls, size: int, info: ValidationInfo) -> int:
+        if size > 1 and info.data.get("stopping", "none") == "none" and info.data.get("hopeless_k") is None:
+            raise ValueError("needs a stopping rule (stopping or hopeless_k): rounds without one only split the call")
+        _at_most_n(size, info)
+        return size
 
 
 class _Beamed(_Stepped):
@@ -88,14 +140,7 @@ class _Beamed(_Stepped):
     @field_validator("beam_width")
     @classmethod
     def _width_divides_n(cls, width: int, info: ValidationInfo) -> int:
-        n = info.data.get("n")
-        if n is None:
-            return width
-        if width > n:
-            raise ValueError(f"must be <= n ({n})")
-        if n % width:
-            raise ValueError(f"must divide n ({n}) exactly: n / beam_width survivors (or subtrees) are kept")
-        return width
+        return _divides_n(width, info, "n / beam_width survivors (or subtrees) are kept")
 
 
 class BeamSearchParams(_Beamed):
@@ -130,14 +175,7 @@ class RevisionsParams(_Sampled):
     @field_validator("chain_length")
     @classmethod
     def _length_divides_n(cls, length: int, info: ValidationInfo) -> int:
-        n = info.data.get("n")
-        if n is None:
-            return length
-        if length > n:
-            raise ValueError(f"must be <= n ({n})")
-        if n % length:
-            raise ValueError(f"must divide n ({n}) exactly: n / chain_length parallel chains")
-        return length
+        return _divides_n(length, info, "n / chain_length parallel chains")
 
 
 def validate_params(model: type[_Params], params: dict[str, Any] | None, max_n: int | None = None) -> _Params:

@@ -26,12 +26,14 @@ from __future__ import annotations
 import bisect
 import math
 import random
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
-from .base import ComputeBudget, Policy, Problem, ProgressCallback, Reward, StrategyResult
-from .calls import BudgetedCalls, inherit_scores, score_nodes, tree_result
-from .params import ParticleFilteringParams, StrategyParamError, sampling_temperature
-from .steps import Node, PrefixStreamer, expand, split_steps, step_params
+from .base import Problem
+from .calls import BudgetedCalls
+from .params import ParticleFilteringParams
+from .steps import Node
+from .tree import Search, TreeSearch
 
 # Scores of exactly 0 or 1 would have infinite logits; clamping keeps one verdict from taking every particle.
 _EPS = 1e-4
@@ -102,60 +104,42 @@ def group_copies(particles: Sequence[Node], copies: Sequence[int]) -> tuple[list
     return frontier, widths
 
 
-class ParticleFiltering:
+@dataclass
+class ParticleSearch(Search):
+    rng: random.Random = field(default_factory=random.Random)
+    ess_history: list[float] = field(default_factory=list)
+    live_history: list[int] = field(default_factory=list)
+    resampling_events: int = 0
+
+
+class ParticleFiltering(TreeSearch):
     name = "particle_filtering"
-    requires_reward = True
+    reward_use = "weight particles"
+    params: ParticleFilteringParams
 
-    def __init__(self, params: ParticleFilteringParams):
-        self.params = params
-
-    async def run(self, problem: Problem, policy: Policy, reward: Reward | None, budget: ComputeBudget,
-                  progress: ProgressCallback | None = None) -> StrategyResult:
-        p = self.params
-        if reward is None:
-            raise StrategyParamError("strategy", "particle_filtering needs a reward model to weight particles")
-        calls = BudgetedCalls(policy, reward, budget, problem.seed)
+    def new_search(self, calls: BudgetedCalls, problem: Problem, delimiter: str, temperature: float) -> Search:
         # A request seed makes resampling reproducible too.
         rng = random.Random(problem.seed) if problem.seed is not None else random.Random()
-        delimiter, temperature = p.step_delimiter, sampling_temperature(p, problem.temperature)
-        streamer = PrefixStreamer(progress, delimiter)
-        frontier, widths = [Node()], [p.n]
-        open_nodes: list[Node] = []
-        finished: list[Node] = []
-        ess_history: list[float] = []
-        live_history: list[int] = []
-        resampling_events = rounds = 0
-        for round_index in range(p.max_rounds):
-            last = round_index == p.max_rounds - 1
-            params = step_params(frontier, problem, temperature, delimiter, last)
-            reserve = calls.reward_estimate(problem.question, [split_steps(f.text, delimiter) or [""]
-                                                               for f, w in zip(frontier, widths) for _ in range(w)])
-            outputs = await calls.generate([problem.prompt + f.text for f in frontier], params, widths, reserve)
-            if outputs is None:
-                # Only the frontier was eligible when we last streamed; particles not resampled must not come back.
-                open_nodes = frontier if round_index else []
-                break
-            rounds += 1
-            families = expand(frontier, outputs, delimiter, problem, round_index, last)
-            inherit_scores(families, frontier)
-            children = [c for family in families for c in family]
-            await score_nodes(calls, problem.question, children, delimiter, p.aggregation)
-            finished += [c for c in children if c.finished]
-            open_nodes = [c for c in children if not c.finished]
-            if not open_nodes or calls.exhausted:
-                break
-            weights = particle_weights([n.score or 0.0 for n in open_nodes], p.weight_temperature)
-            ess = effective_sample_size(weights)
-            ess_history.append(round(ess, 3))
-            live_history.append(len(open_nodes))
-            if p.ess_threshold >= 1.0 or ess < p.ess_threshold * len(open_nodes):
-                copies = resample(weights, len(open_nodes), p.resampling, rng)
-                resampling_events += 1
-            else:
-                copies = [1] * len(open_nodes)
-            frontier, widths = group_copies(open_nodes, copies)
-            await streamer.update([f.text for f in frontier] + [f.text for f in finished])
-        return await tree_result(calls, finished, open_nodes, p.selection, delimiter, rounds=rounds,
-                                 finished_count=len(finished), resampling_events=resampling_events,
-                                 effective_sample_size=ess_history, live_particles=live_history,
-                                 streamed=streamer.sent)
+        return ParticleSearch(calls, problem, delimiter, temperature, [Node()], [self.params.n], rng=rng)
+
+    def collect(self, search: ParticleSearch, families: list[list[Node]], children: list[Node]) -> bool:
+        search.finished += [c for c in children if c.finished]
+        search.open_nodes = [c for c in children if not c.finished]
+        return bool(search.open_nodes)
+
+    def next_frontier(self, search: ParticleSearch) -> None:
+        p, live = self.params, search.open_nodes
+        weights = particle_weights([n.score or 0.0 for n in live], p.weight_temperature)
+        ess = effective_sample_size(weights)
+        search.ess_history.append(round(ess, 3))
+        search.live_history.append(len(live))
+        if p.ess_threshold >= 1.0 or ess < p.ess_threshold * len(live):
+            copies = resample(weights, len(live), p.resampling, search.rng)
+            search.resampling_events += 1
+        else:
+            copies = [1] * len(live)
+        search.frontier, search.widths = group_copies(live, copies)
+
+    def details(self, search: ParticleSearch) -> dict[str, Any]:
+        return {"finished_count": len(search.finished), "resampling_events": search.resampling_events,
+                "effective_sample_size": search.ess_history, "live_particles": search.live_history}

@@ -16,12 +16,14 @@ search stops and votes over the finished leaves (or returns the best open partia
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
-from .base import ComputeBudget, Policy, Problem, ProgressCallback, Reward, StrategyResult
-from .calls import BudgetedCalls, inherit_scores, score_nodes, tree_result
-from .params import RebaseParams, StrategyParamError, sampling_temperature
-from .steps import Node, PrefixStreamer, expand, split_steps, step_params
+from .base import Problem
+from .calls import BudgetedCalls
+from .params import RebaseParams
+from .steps import Node
+from .tree import Search, TreeSearch
 
 
 def rebase_widths(rewards: Sequence[float], budget: int, temperature: float) -> list[int]:
@@ -52,50 +54,28 @@ def rebase_widths(rewards: Sequence[float], budget: int, temperature: float) -> 
     return widths
 
 
-class Rebase:
+@dataclass
+class RebaseSearch(Search):
+    remaining: int = 0  # answers still to finish (Wu et al.'s B)
+
+
+class Rebase(TreeSearch):
     name = "rebase"
-    requires_reward = True
+    reward_use = "balance the tree"
+    params: RebaseParams
 
-    def __init__(self, params: RebaseParams):
-        self.params = params
+    def new_search(self, calls: BudgetedCalls, problem: Problem, delimiter: str, temperature: float) -> Search:
+        return RebaseSearch(calls, problem, delimiter, temperature, [Node()], [self.params.n], remaining=self.params.n)
 
-    async def run(self, problem: Problem, policy: Policy, reward: Reward | None, budget: ComputeBudget,
-                  progress: ProgressCallback | None = None) -> StrategyResult:
-        p = self.params
-        if reward is None:
-            raise StrategyParamError("strategy", "rebase needs a reward model to balance the tree")
-        calls = BudgetedCalls(policy, reward, budget, problem.seed)
-        delimiter, temperature = p.step_delimiter, sampling_temperature(p, problem.temperature)
-        streamer = PrefixStreamer(progress, delimiter)
-        frontier, widths = [Node()], [p.n]
-        remaining = p.n
-        open_nodes: list[Node] = []
-        finished: list[Node] = []
-        rounds = 0
-        for round_index in range(p.max_rounds):
-            last = round_index == p.max_rounds - 1
-            params = step_params(frontier, problem, temperature, delimiter, last)
-            reserve = calls.reward_estimate(problem.question, [split_steps(f.text, delimiter) or [""]
-                                                               for f, w in zip(frontier, widths) for _ in range(w)])
-            outputs = await calls.generate([problem.prompt + f.text for f in frontier], params, widths, reserve)
-            if outputs is None:
-                # Only the expanded frontier was eligible when we last streamed; pruned nodes must not come back.
-                open_nodes = frontier if round_index else []
-                break
-            rounds += 1
-            families = expand(frontier, outputs, delimiter, problem, round_index, last)
-            inherit_scores(families, frontier)
-            children = [c for family in families for c in family]
-            await score_nodes(calls, problem.question, children, delimiter, p.aggregation)
-            done = [c for c in children if c.finished]
-            finished += done
-            remaining -= len(done)
-            open_nodes = sorted((c for c in children if not c.finished), key=lambda n: -(n.score or 0.0))
-            if remaining <= 0 or not open_nodes or calls.exhausted:
-                break
-            all_widths = rebase_widths([n.score or 0.0 for n in open_nodes], remaining, p.balance_temperature)
-            frontier = [n for n, w in zip(open_nodes, all_widths) if w > 0]
-            widths = [w for w in all_widths if w > 0]
-            await streamer.update([f.text for f in frontier] + [f.text for f in finished])
-        return await tree_result(calls, finished, open_nodes, p.selection, delimiter, rounds=rounds,
-                           finished_count=len(finished), streamed=streamer.sent)
+    def collect(self, search: RebaseSearch, families: list[list[Node]], children: list[Node]) -> bool:
+        done = [c for c in children if c.finished]
+        search.finished += done
+        search.remaining -= len(done)
+        search.open_nodes = sorted((c for c in children if not c.finished), key=lambda n: -(n.score or 0.0))
+        return search.remaining > 0 and bool(search.open_nodes)
+
+    def next_frontier(self, search: RebaseSearch) -> None:
+        widths = rebase_widths([n.score or 0.0 for n in search.open_nodes], search.remaining,
+                               self.params.balance_temperature)
+        search.frontier = [n for n, w in zip(search.open_nodes, widths) if w > 0]
+        search.widths = [w for w in widths if w > 0]

@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from .base import ComputeBudget, Policy, Problem, ProgressCallback, Reward, StrategyResult
-from .calls import build_result, empty_result, start_sampling
+from .calls import build_result, empty_result, score_candidates, start_sampling
 from .params import DEFAULT_STEP_DELIMITER, RevisionsParams
-from .steps import split_steps
-from .voting import Candidate, aggregate_scores, answers_equivalent, select_async
+from .voting import Candidate, answers_equivalent, select_async
 
 # Snell et al. condition the revision model on the 4 most recent attempts.
 MAX_ATTEMPTS_SHOWN = 4
@@ -111,15 +110,7 @@ class Revisions:
                 chain.append(Candidate.of(c.text, 1.0, c.finish_reason, c.token_count))
 
         attempts = [a for chain in chains for a in chain]
-        selection = p.selection
-        if selection != "majority":
-            steps = [split_steps(a.text, DEFAULT_STEP_DELIMITER) for a in attempts]
-            scores = await calls.score(problem.question, steps)
-            if scores is None:
-                selection = "majority"
-            else:
-                for attempt, row in zip(attempts, scores):
-                    attempt.score = aggregate_scores(row, p.aggregation)
+        selection = await score_candidates(calls, problem.question, attempts, p.selection, p.aggregation)
         if selection == "weighted":
             winners = [(await select_async(chain, "weighted")).candidate for chain in chains]
             choice = await select_async(winners, "weighted")

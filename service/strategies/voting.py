@@ -245,3 +245,11 @@ async def select_async(candidates: Sequence[Candidate], selection: Literal["majo
     if equivalent is not None or len({_normalised(c.answer) for c in candidates if c.answer is not None}) <= 1:
         return select(candidates, selection, equivalent)  # another equivalence than math_verify's is cheap
     return await asyncio.get_running_loop().run_in_executor(_VOTER, select, candidates, selection)
+
+
+async def group_by_answer_async(candidates: Sequence[Candidate],
+                                equivalent: Equivalence | None = None) -> list[list[int]]:
+    """`group_by_answer` off the event loop, for the same reason as `select_async`."""
+    if equivalent is not None or len({_normalised(c.answer) for c in candidates if c.answer is not None}) <= 1:
+        return group_by_answer(candidates, equivalent)
+    return await asyncio.get_running_loop().run_in_executor(_VOTER, group_by_answer, candidates)
