@@ -127,15 +127,12 @@ class Workers:
         return out
 
     async def features(self, question: str, candidates: list[list[str]]) -> list[np.ndarray]:
-        from ..workers.reward import _decode_hidden  # noqa: F401  (same decoding as the gateway)
+        from ..workers.pooling import decode_hidden, pooling  # the gateway's own call and decoding
 
         layouts = [self.prm_tok.layout(question, steps) for steps in candidates]
-        body = await self.pool.post_json("/pooling", {"model": self.pool.served_name, "encoding_format": "base64",
-                                                      "input": [lay.token_ids for lay in layouts]})
-        data = sorted(body["data"], key=lambda d: d["index"])
-        from ..workers.reward import _decode_hidden as dec
-
-        return [step_features(dec(d).reshape(len(lay.token_ids), -1), lay).astype(np.float16)
+        data, _ = await pooling(self.pool, self.pool.served_name, [lay.token_ids for lay in layouts],
+                                encoding_format="base64")
+        return [step_features(decode_hidden(d).reshape(len(lay.token_ids), -1), lay).astype(np.float16)
                 for d, lay in zip(data, layouts)]
 
     async def close(self) -> None:

@@ -34,7 +34,7 @@ from .options import AUTO, TTCOptions, make_strategy, parse_options
 from .passthrough import upstream_payload
 from .quota import FlopsQuota, QuotaExceeded, QuotaUnavailable
 from .response_cache import ResponseCache
-from .results import Answer, ClientGone, Result, Stream
+from .results import ClientGone, Result, Stream
 
 Request = ChatCompletionRequest | CompletionRequest
 DISCONNECT_POLL_S = 0.25

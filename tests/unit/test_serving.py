@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from service.budget import PlainRequestCost, per_token_flops
-from service.errors import BudgetExceeded, InvalidParameter, UnknownModel
+from service.errors import BudgetExceeded, UnknownModel
 from service.router.table import load as load_table
 from service.serving.context import RequestContext
 from service.serving.quota import flops_int
