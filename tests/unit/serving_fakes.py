@@ -89,10 +89,21 @@ class FakeWorkerPool:
             return self._chat(payload)
         raise AssertionError(f"unexpected path {path}")
 
-    def _write(self, prompt: str, max_tokens: int) -> tuple[str, int, str]:
-        answer = words(self.answer(prompt))
-        kept = answer[:max_tokens]
-        return "".join(kept), len(kept), "length" if len(answer) > max_tokens else "stop"
+    def _write(self, prompt: str, max_tokens: int, stop: list[str] | None = None) -> tuple[str, int, str, str | None]:
+        """(text, tokens, finish_reason, stop_reason): the rest of the answer after what the prompt already holds
+        of it (step searches send partial answers), cut at the first stop string (excluded, as vLLM does)."""
+        full = self.answer(prompt)
+        partial = prompt.rsplit("assistant\n", 1)[-1] if "assistant\n" in prompt else ""
+        rest = full[len(partial):] if partial and full.startswith(partial) else full
+        stop_reason = None
+        cuts = [(rest.find(s), s) for s in stop or () if s and s in rest]
+        if cuts:
+            at, stop_reason = min(cuts)
+            rest = rest[:at]
+        answer = words(rest)
+        if len(answer) > max_tokens:
+            return "".join(answer[:max_tokens]), max_tokens, "length", None
+        return rest, len(answer), "stop", stop_reason
 
     def _completions(self, payload: dict[str, Any]) -> dict[str, Any]:
         prompts = payload["prompt"] if isinstance(payload["prompt"], list) else [payload["prompt"]]
@@ -102,11 +113,12 @@ class FakeWorkerPool:
             prompt_ids = [ord(c) for c in prompt] if isinstance(prompt, str) else list(prompt)
             prompt_total += len(prompt_ids)
             for j in range(n):
-                text, count, finish = self._write(prompt if isinstance(prompt, str) else "", payload["max_tokens"])
+                text, count, finish, stop_reason = self._write(prompt if isinstance(prompt, str) else "",
+                                                               payload["max_tokens"], payload.get("stop"))
                 completion_total += count
                 choices.append({"index": p * n + j, "text": text, "finish_reason": finish, "logprobs": None,
                                 "token_ids": list(range(count)), "prompt_token_ids": prompt_ids,
-                                "stop_reason": None})
+                                "stop_reason": stop_reason})
         return {"id": "cmpl-up", "object": "text_completion", "created": int(time.time()), "model": MODEL,
                 "choices": choices, "usage": {"prompt_tokens": prompt_total, "completion_tokens": completion_total,
                                               "total_tokens": prompt_total + completion_total}}
@@ -116,7 +128,7 @@ class FakeWorkerPool:
         n = int(payload.get("n") or 1)
         choices, completion_total = [], 0
         for j in range(n):
-            text, count, finish = self._write(prompt, payload["max_tokens"])
+            text, count, finish, _ = self._write(prompt, payload["max_tokens"], payload.get("stop"))
             completion_total += count
             choices.append({"index": j, "message": {"role": "assistant", "content": text}, "logprobs": None,
                             "finish_reason": finish})

@@ -341,6 +341,19 @@ async def test_deadline_with_error_action_is_504():
     assert rt.admission.running == 0
 
 
+async def test_deadline_with_best_action_answers_with_the_search_so_far():
+    steps = "".join(f"{i} + 1 = {i + 1}\n" for i in range(1, 12)) + "The answer is 12."
+    rt = FakeRuntime(settings(deadline_action="best"))
+    rt.pool.answer = lambda prompt: steps
+    rt.pool.delay_s = 0.1  # one search round per 100 ms; the deadline allows about seven
+    r = await post(rt, chat(max_tokens=200, ttc={"strategy": "beam_search", "n": 2, "beam_width": 2}),
+                   {"X-TTC-Deadline-Ms": "1000"})
+    assert r.status_code == 200, r.text
+    ttc = r.json()["ttc"]
+    assert ttc["budget_exhausted"] is True and 1 <= ttc["steps"] < 12  # stopped early, with an answer so far
+    assert r.json()["choices"][0]["message"]["content"]
+
+
 async def test_draining_gateway_refuses_with_503_and_retry_after():
     rt = FakeRuntime(settings())
     rt.draining = True
