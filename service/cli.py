@@ -13,9 +13,8 @@ from .config import Settings
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .api.app import create_app
     from .api.server import DrainingServer, header_timeout_protocol
-    from .gateway import Gateway
+    from .gateway import build_app
     from .offline.prepare_models import BUNDLED, prepare
 
     if args.host:
@@ -29,8 +28,8 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         prepare(settings.policy.served_name, settings.models_dir)
     if settings.workers > 1:
         return _serve_multiprocess(settings, args)
-    gateway = Gateway(settings)
-    config = uvicorn.Config(create_app(settings, gateway), host=settings.host, port=settings.port,
+    gateway, app = build_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             log_level=settings.log_level, access_log=args.access_log,
                             timeout_graceful_shutdown=int(settings.drain_timeout_s),
                             timeout_keep_alive=settings.keep_alive_s,
@@ -55,7 +54,7 @@ def _serve_multiprocess(settings: Settings, args: argparse.Namespace) -> int:
     from .metrics import prepare_multiproc_dir
 
     prepare_multiproc_dir(os.environ["PROMETHEUS_MULTIPROC_DIR"])  # before any worker writes: no stale files
-    uvicorn.run("service.api.app:app_from_env", factory=True, host=settings.host, port=settings.port,
+    uvicorn.run("service.gateway:app_from_env", factory=True, host=settings.host, port=settings.port,
                 workers=settings.workers, log_level=settings.log_level, access_log=args.access_log,
                 timeout_graceful_shutdown=int(settings.drain_timeout_s), timeout_keep_alive=settings.keep_alive_s,
                 http="service.api.server:HeaderTimeoutProtocol")
@@ -72,12 +71,6 @@ def _prepare(settings: Settings, args: argparse.Namespace) -> int:
             return 2
         print(prepare(name, Path(args.models_dir) if args.models_dir else settings.models_dir))
     return 0
-
-
-def _train_prm(settings: Settings, args: argparse.Namespace) -> int:
-    from .offline import train_prm
-
-    return train_prm.main(args.args)
 
 
 def _hash_key(settings: Settings, args: argparse.Namespace) -> int:
@@ -117,7 +110,6 @@ def build_parser() -> argparse.ArgumentParser:
     tp = sub.add_parser("train-prm", add_help=False,
                         help="train the PRM head on calibration problems (see `ttc-gateway train-prm --help`)")
     tp.add_argument("args", nargs=argparse.REMAINDER)
-    tp.set_defaults(func=_train_prm)
     bench.add_parser(sub)
     from .offline import bank as offline_bank, evaluate as offline_evaluate
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import (
@@ -230,9 +230,6 @@ class Settings(BaseSettings):
             sources.append(_file_source(settings_cls, Path(config_file)))
         return tuple(sources)
 
-    def policy_model_dir(self) -> Path:
-        return self.models_dir / self.policy.served_name
-
 
 def _file_source(settings_cls: type[BaseSettings], path: Path) -> PydanticBaseSettingsSource:
     if not path.is_file():
@@ -246,6 +243,3 @@ def _file_source(settings_cls: type[BaseSettings], path: Path) -> PydanticBaseSe
         return JsonConfigSettingsSource(settings_cls, json_file=path)
     raise ValueError(f"TTC_CONFIG_FILE must be .yaml, .toml or .json, not {suffix!r}")
 
-
-def load_settings(**overrides: Any) -> Settings:
-    return Settings(**overrides)

@@ -1,5 +1,7 @@
-"""The gateway's long-lived parts, built once from Settings: worker pools and their clients, the supervisor of
-co-located workers, the metrics and the cache. The HTTP layer holds one `Gateway` and passes requests to `serving`.
+"""The composition root: the gateway's long-lived parts, built once from Settings (worker pools and their clients,
+the supervisor of co-located workers, reward backends, cache, quota, admission, the policy table, metrics), wired
+into `serving.Serving` and the FastAPI app. Only entry points import this module (cli.py, offline tools, uvicorn's
+multi-process factory `app_from_env`); nothing it builds imports it back.
 """
 
 from __future__ import annotations
@@ -9,6 +11,9 @@ import logging
 import time
 from pathlib import Path
 
+from .api.app import create_app
+from .api.errors import status_of
+from .api.middleware import FrontDoor
 from .cache import SampleStore, build_cache
 from .config import RewardPoolSettings, Settings, WorkerPoolSettings
 from .metering import Meter, ModelShape
@@ -16,6 +21,7 @@ from .metrics import Metrics
 from .rewards import ArithmeticReward, ConfidenceReward, ProductReward
 from .router.table import load as load_table
 from .serving.admission import Admission
+from .serving.handler import Serving
 from .serving.quota import FlopsQuota
 from .serving.response_cache import ResponseCache
 from .strategies.base import Reward
@@ -68,7 +74,6 @@ class Gateway:
         self.response_cache = ResponseCache(self.cache, settings.cache_response_ttl_s)
         self.quota = FlopsQuota(self.cache, settings.quota_on_redis_failure)
         self.sample_store = SampleStore(self.cache, settings.cache_max_samples)
-        self._background: set[asyncio.Task] = set()
         self.admission = Admission(settings.max_concurrency, settings.max_queue, settings.queue_timeout_s,
                                    settings.retry_after_s)
         self.policy_pool = self._build_pool("policy", settings.policy, policy_model(settings))
@@ -83,6 +88,9 @@ class Gateway:
         self.draining = False
         self.started_at = int(time.time())
         self._health_task: asyncio.Task | None = None
+        self.serving = Serving(settings, self.policy, self.admission, self.quota, self.metrics, self.response_cache,
+                               self.sample_store, self.reward_for, self.policy_table, status_of,
+                               draining=lambda: self.draining, prompt_encoder=self.prompt_encoder)
 
     def _build_prm(self, pool: WorkerPool) -> CachedStepScorer:
         from .models.prm_head import PRMHead, PRMTokenizer
@@ -167,12 +175,6 @@ class Gateway:
             log.info("reward worker step tag %r is token %d", self.prm.fmt.step_tag, tag_id)
         self._health_task = asyncio.create_task(self._health_loop(), name="worker-health")
 
-    def spawn(self, coro) -> None:
-        """Fire-and-forget work (quota refunds) that must not be garbage-collected before it runs."""
-        task = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
     async def _refresh_health(self) -> None:
         for pool in self.pools:
             try:
@@ -193,3 +195,16 @@ class Gateway:
         for pool in self.pools:
             await pool.close()
         await self.cache.close()
+
+
+def build_app(settings: Settings) -> tuple[Gateway, FrontDoor]:
+    gateway = Gateway(settings)
+    return gateway, create_app(settings, gateway)
+
+
+def app_from_env() -> FrontDoor:
+    """Factory for uvicorn's multi-process mode (`serve --workers N`): each process builds its own app."""
+    settings = Settings()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    return build_app(settings)[1]

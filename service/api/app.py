@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Protocol
 
 from fastapi import FastAPI
 
 from ..config import Settings
-from ..gateway import Gateway
-from ..metrics import mark_process_dead, multiproc_dir
+from ..metrics import Metrics, mark_process_dead, multiproc_dir
+from ..serving.handler import Serving
 from .errors import install_handlers
 from .middleware import FrontDoor
 from .routes import router
@@ -19,8 +19,30 @@ from .routes import router
 log = logging.getLogger("ttc.api")
 
 
-def create_app(settings: Settings, gateway: Gateway | None = None) -> FrontDoor:
-    gw = gateway or Gateway(settings)
+class Runtime(Protocol):
+    """What the app needs of the gateway's long-lived parts (built by service/gateway.py, the composition root,
+    which imports this module and never the other way round)."""
+
+    settings: Settings
+    serving: Serving
+    metrics: Metrics
+    admission: Any
+    policy: Any
+    draining: bool
+    started_at: int
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def pools(self) -> list[Any]: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+def create_app(settings: Settings, gw: Runtime) -> FrontDoor:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -36,16 +58,9 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> FrontDoor:
             log.info("ttc-gateway stopped")
 
     app = FastAPI(title="ttc-gateway", version="0.1.0", lifespan=lifespan)
-    app.state.gateway = gw
+    app.state.gateway = gw  # /v1/models, /ready, /metrics
+    app.state.serving = gw.serving  # the completion routes
     install_handlers(app)
     app.include_router(router)
     return FrontDoor(app, max_body_bytes=settings.max_body_bytes, api_key_hashes=settings.api_key_hashes,
                      protect_metrics=settings.protect_metrics)
-
-
-def app_from_env() -> FrontDoor:
-    """Factory for uvicorn's multi-process mode (`serve --workers N`): each process builds its own app."""
-    settings = Settings()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    return create_app(settings)

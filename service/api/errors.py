@@ -1,4 +1,5 @@
-"""OpenAI-shaped errors: {"error": {"message", "type", "param", "code"}} with the right HTTP status."""
+"""OpenAI-shaped errors: {"error": {"message", "type", "param", "code"}} with the right HTTP status. The one place
+that knows which status each of the gateway's own errors (service/errors.py) is answered with."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+
+from .. import errors as domain
 
 log = logging.getLogger("ttc.api")
 
@@ -53,8 +56,34 @@ def error_response(err: APIError, request_id: str | None = None) -> Response:
                     headers=headers)
 
 
-def unavailable(message: str, retry_after_s: int) -> APIError:
-    return APIError(503, message, code="workers_unavailable", headers={"Retry-After": str(retry_after_s)})
+# Most specific first: BudgetExceeded is an InvalidParameter.
+_STATUS: tuple[tuple[type[domain.ServiceError], int], ...] = (
+    (domain.InvalidParameter, 400),
+    (domain.UpstreamRejected, 400),  # the worker refused the client's request: the client's fault
+    (domain.NotAllowed, 403),
+    (domain.UnknownModel, 404),
+    (domain.QuotaExhausted, 429),
+    (domain.UpstreamError, 502),
+    (domain.Overloaded, 503),
+    (domain.Unavailable, 503),
+    (domain.DeadlineExceeded, 504),
+)
+
+
+def status_of(err: domain.ServiceError) -> int:
+    return next((status for kind, status in _STATUS if isinstance(err, kind)), 500)
+
+
+def from_service(err: domain.ServiceError) -> APIError:
+    headers: dict[str, str] = {}
+    if err.retry_after_s is not None:
+        headers["Retry-After"] = str(err.retry_after_s)
+    type_ = None
+    if isinstance(err, domain.QuotaExhausted):
+        # A spent cumulative budget: SDKs must not retry at once (they would on a bare 429).
+        headers["x-should-retry"] = "false"
+        type_ = "insufficient_quota"
+    return APIError(status_of(err), err.message, param=err.param, code=err.code, type_=type_, headers=headers)
 
 
 def _param_of(loc: tuple[Any, ...]) -> str | None:
@@ -89,6 +118,10 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> Response:
         return error_response(exc, rid(request))
+
+    @app.exception_handler(domain.ServiceError)
+    async def _service_error(request: Request, exc: domain.ServiceError) -> Response:
+        return error_response(from_service(exc), rid(request))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:

@@ -15,9 +15,9 @@ from typing import Any, AsyncIterator
 import orjson
 from starlette.responses import Response, StreamingResponse
 
-from ..serving.lifecycle import SettlingStream
+from .http import SettlingStream
 
-from .responses_protocol import ResponsesRequest
+from ..protocol.responses import ResponsesRequest
 
 
 def new_id(prefix: str) -> str:

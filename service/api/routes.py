@@ -12,12 +12,12 @@ from pydantic import ValidationError
 from starlette.responses import Response
 
 from ..serving.context import RequestContext
-from ..serving.handler import handle
 from .errors import APIError, validation_error
-from .protocol import ChatCompletionRequest, CompletionRequest
-from .protocol_tools import refused_fields
+from .http import to_response
+from ..protocol.completions import ChatCompletionRequest, CompletionRequest
+from ..protocol.tools import refused_fields
 from .responses_api import as_responses
-from .responses_protocol import ResponsesRequest, to_chat
+from ..protocol.responses import ResponsesRequest, to_chat
 
 router = APIRouter()
 
@@ -44,16 +44,21 @@ def _refuse(refused: tuple[str, str] | None) -> None:
         raise APIError(400, f"{name} is not supported: {why}", param=name, code="unsupported_parameter")
 
 
+async def _serve(request: Request, ctx: RequestContext, body: ChatCompletionRequest | CompletionRequest) -> Response:
+    result = await request.app.state.serving.handle(ctx, body, request.is_disconnected)
+    return to_response(result, ctx)
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     _refuse(refused_fields(body.__dict__))
-    return await handle(request.app.state.gateway, _context(request, "chat"), body, request.is_disconnected)
+    return await _serve(request, _context(request, "chat"), body)
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request) -> Response:
     _refuse(refused_fields(body.__dict__))
-    return await handle(request.app.state.gateway, _context(request, "completions"), body, request.is_disconnected)
+    return await _serve(request, _context(request, "completions"), body)
 
 
 @router.post("/v1/responses")
@@ -66,8 +71,7 @@ async def responses(body: ResponsesRequest, request: Request) -> Response:
         raise validation_error(RequestValidationError(exc.errors()))
     ctx = _context(request, "chat")
     ctx.path = "/v1/responses"
-    response = await handle(request.app.state.gateway, ctx, chat, request.is_disconnected)
-    return as_responses(body, response)
+    return as_responses(body, await _serve(request, ctx, chat))
 
 
 @router.get("/v1/models")

@@ -13,13 +13,13 @@ from types import FrameType
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from ..gateway import Gateway
+from .app import Runtime
 
 log = logging.getLogger("ttc.server")
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, gateway: Gateway, drain_timeout_s: float):
+    def __init__(self, config: uvicorn.Config, gateway: Runtime, drain_timeout_s: float):
         super().__init__(config)
         self.gateway = gateway
         self.drain_timeout_s = drain_timeout_s

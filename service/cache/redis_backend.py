@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 from typing import Any, Awaitable, Callable, Iterable
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -48,10 +49,11 @@ class RedisCache(_Instrumented):
         key_prefix: str = "ttc:",
         max_connections: int = 32,
         on_event: EventHook | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(on_event)
         self.key_prefix = key_prefix
-        self.breaker = CircuitBreaker(breaker_failures, breaker_reset_s)
+        self.breaker = CircuitBreaker(breaker_failures, breaker_reset_s, clock)  # clock: tests skip the wait
         # Hard cap on one operation: pool wait + connect + one read, whatever redis-py does inside.
         self.deadline_s = connect_timeout_s + 2 * socket_timeout_s
         self._pool = BlockingConnectionPool.from_url(

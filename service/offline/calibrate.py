@@ -22,7 +22,6 @@ import json
 import logging
 import random
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -441,6 +440,3 @@ def main(settings: Any, args: argparse.Namespace) -> int:
               f"  cv-acc {e['expected_accuracy']:.2f}  flops {e['mean_flops']:.3g}  n={e['n_problems']}")
     return 0
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main(None, argparse.Namespace()))

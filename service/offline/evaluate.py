@@ -164,9 +164,11 @@ def evaluate(header: dict[str, Any], problems: Sequence[dict[str, Any]], backend
 def hidden_auto_outcomes(table: Any, acc: np.ndarray, flops: np.ndarray, configs: Sequence[Any], stat: np.ndarray,
                          encode: np.ndarray, budgets: Sequence[float], questions: Sequence[str]
                          ) -> tuple[np.ndarray, np.ndarray]:
-    """Per problem and budget, what run_auto does with estimator "hidden": when the prefill fits, the head's bin and
-    the budget that remains after it; else the prompt estimator's bin (no FLOPs) and the whole budget."""
+    """Per problem and budget, what run_auto does with estimator "hidden" (the same routing rule, table.choose): when
+    the prefill fits, the head's bin and the budget that remains after it; else the prompt estimator's bin (no
+    FLOPs) and the whole budget."""
     from ..router.difficulty import prompt_bin
+    from ..router.table import choose
     from .policy import bins_of
     from .replay import params_signature
 
@@ -176,8 +178,8 @@ def hidden_auto_outcomes(table: Any, acc: np.ndarray, flops: np.ndarray, configs
     for i in range(acc.shape[0]):
         for j, g in enumerate(budgets):
             paid = encode[i] <= g
-            b = int(bins[i]) if paid else (prompt_bin(table, questions[i]) if table.prompt_model else 3)
-            ch = table.lookup(b, g - encode[i] if paid else g)
+            no_head_bin = prompt_bin(table, questions[i]) if not paid and table.prompt_model else None
+            _, _, ch = choose(table, g - encode[i] if paid else g, None, no_head_bin, int(bins[i]) if paid else None)
             k = index[params_signature(ch.params)]
             out_a[i, j], out_f[i, j] = acc[i, k], flops[i, k] + (encode[i] if paid else 0.0)
     return out_a, out_f

@@ -9,11 +9,12 @@ from typing import Any, Iterable, Sequence
 import random
 from dataclasses import dataclass
 
-from ..router.table import N_BINS, PolicyTable, quantile_cuts, select_by_cv
+from ..router.table import N_BINS, PolicyTable, choose, quantile_cuts, select_by_cv, uses_probe
+from ..strategies.base import Problem
 
 BON_N = 16
 MAX_TOKENS = 96
-TEMPERATURE = 0.8
+TEMPERATURE = Problem.temperature  # the search temperature the gateway samples at
 BUDGET_GENERATIONS = (1, 2, 4, 8, 16, 32, 64)
 PROBE_KS = (2, 4)
 
@@ -148,20 +149,17 @@ def route(table: PolicyTable, rec: dict[str, dict[str, Any]], budget_flops: floa
     """
     from ..router.difficulty import prompt_bin
 
-    estimator = estimator or table.estimator
     k = int(table.probe["k"])
     bon = rec["bon"]
     stat, probe_flops = probe_of(bon, k)
-    used = estimator
-    if estimator == "probe" and probe_flops <= budget_flops:
-        b = table.bin_of(stat)
-        choice = table.lookup(b, budget_flops - probe_flops + bon["question_charge"])
+    # The served rule (router.table.uses_probe / choose), on recorded samples instead of live calls.
+    probe_bin, left = None, budget_flops
+    if uses_probe(estimator or table.estimator, True, probe_flops <= budget_flops):
+        probe_bin, left = table.bin_of(stat), budget_flops - probe_flops + bon["question_charge"]
     else:
-        used = "prompt"
-        b = prompt_bin(table, bon["question"])
-        choice = table.lookup(b, budget_flops)
         probe_flops = 0.0
-    assert choice is not None
+    question_bin = prompt_bin(table, bon["question"]) if probe_bin is None and table.prompt_model else None
+    used, b, choice = choose(table, left, probe_bin, question_bin)
     key = config_key(choice.strategy, choice.params)
     if choice.strategy == "best_of_n":
         n = int(choice.params["n"])

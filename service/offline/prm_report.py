@@ -8,16 +8,12 @@ Metrics (on problems the head never trained on):
   majority vote, weighted vote with the head (sum of last-step scores per equivalent answer), weighted vote with the
   arithmetic verifier, weighted vote with their product, and the oracle (pass@N).
 
-Can be rerun on a saved head and a work dir:
-    python -m service.offline.prm_report --head service/data/prm_head_smollm2.npz --json prm_report.json
+Can be rerun on a saved head and a work dir (train_prm.report_main; this module imports nothing of train_prm):
+    python -m service.offline.train_prm report --head service/data/prm_head_smollm2.npz --json prm_report.json
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -31,10 +27,24 @@ BASELINE = {"source": "docs/cpu-runtime.md first attempt (240 MAWPS/SVAMP proble
             "auroc_overall": 0.73, "auroc_within": 0.63, "weighted_minus_greedy_at_16_points": 1.3}
 
 
-def _auroc(scores: Sequence[float], labels: Sequence[int]) -> float | None:
-    from .train_prm import auroc
+def auroc(scores: Sequence[float], labels: Sequence[int]) -> float | None:
+    s, y = np.asarray(scores, float), np.asarray(labels, int)
+    pos, neg = s[y == 1], s[y == 0]
+    if len(pos) == 0 or len(neg) == 0:
+        return None
+    order = np.argsort(np.concatenate([pos, neg]), kind="mergesort")
+    ranks = np.empty(len(order))
+    allv = np.concatenate([pos, neg])[order]
+    # average ranks for ties
+    i = 0
+    while i < len(allv):
+        j = i
+        while j + 1 < len(allv) and allv[j + 1] == allv[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
-    return auroc(scores, labels)
 
 
 def evaluate(rows: list[dict], feats: dict[str, list[np.ndarray]], head: PRMHead, ns: Sequence[int] = (4, 16),
@@ -59,8 +69,8 @@ def evaluate(rows: list[dict], feats: dict[str, list[np.ndarray]], head: PRMHead
                               "auroc": {}, "selection": {}, "baseline": BASELINE}
     all_right = [r for p in per_problem for r in p["right"]]
     for name in ("prm", "arith", "prod"):
-        overall = _auroc([s for p in per_problem for s in p[name]], all_right)
-        within = [a for p in per_problem if (a := _auroc(p[name], p["right"])) is not None]
+        overall = auroc([s for p in per_problem for s in p[name]], all_right)
+        within = [a for p in per_problem if (a := auroc(p[name], p["right"])) is not None]
         report["auroc"][name] = {"overall": overall, "within": float(np.mean(within)) if within else None,
                                  "within_problems": len(within)}
     for n in ns:
@@ -108,37 +118,3 @@ def print_table(report: dict[str, Any]) -> None:
     b = report["baseline"]
     print(f"Baseline ({b['source']}): AUROC {b['auroc_overall']} / {b['auroc_within']}, weighted vote about +1 point "
           f"over greedy at N=16.")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from .train_prm import feature_stage, parse_args, select_problems, sample_stage, Workers  # noqa: F401
-
-    ap = argparse.ArgumentParser(prog="prm-report")
-    ap.add_argument("--head", default="service/data/prm_head_smollm2.npz")
-    ap.add_argument("--json", default=None)
-    ap.add_argument("rest", nargs=argparse.REMAINDER, help="train_prm arguments (work dir, datasets, eval sizes)")
-    a = ap.parse_args(argv)
-    args = parse_args(a.rest)
-    import asyncio
-
-    async def go() -> dict[str, Any]:
-        _, eval_p = select_problems(args.datasets, args.problems, args.eval_problems, args.seed)
-        w = Workers(args.policy_url, args.prm_url, Path(args.model_dir), args.policy_model, args.prm_model)
-        try:
-            rows = await sample_stage(w, eval_p, args.eval_samples, args, Path(args.work_dir) / "samples_eval.jsonl",
-                                      "eval")
-            eval_list = [rows[p["id"]] for p in eval_p]
-            feats = await feature_stage(w, eval_list, Path(args.work_dir) / "features", "eval")
-        finally:
-            await w.close()
-        return evaluate(eval_list, feats, PRMHead.load(a.head), draws=args.report_draws, seed=args.seed)
-
-    report = asyncio.run(go())
-    print_table(report)
-    if a.json:
-        Path(a.json).write_text(json.dumps(report, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

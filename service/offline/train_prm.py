@@ -35,6 +35,7 @@ from ..prompts import SYSTEM, load_dataset, math_messages, style_for
 from ..strategies.steps import has_final_answer, split_steps
 from ..strategies.voting import answers_equivalent, extract_answer
 from ..models.prm_head import FEATURES, PRMHead, PRMTokenizer, fit_logistic, fit_mlp, step_features
+from .prm_report import auroc, evaluate, print_table
 
 log = logging.getLogger("ttc.train_prm")
 
@@ -127,15 +128,12 @@ class Workers:
         return out
 
     async def features(self, question: str, candidates: list[list[str]]) -> list[np.ndarray]:
-        from ..workers.reward import _decode_hidden  # noqa: F401  (same decoding as the gateway)
+        from ..workers.pooling import decode_hidden, pooling  # the gateway's own call and decoding
 
         layouts = [self.prm_tok.layout(question, steps) for steps in candidates]
-        body = await self.pool.post_json("/pooling", {"model": self.pool.served_name, "encoding_format": "base64",
-                                                      "input": [lay.token_ids for lay in layouts]})
-        data = sorted(body["data"], key=lambda d: d["index"])
-        from ..workers.reward import _decode_hidden as dec
-
-        return [step_features(dec(d).reshape(len(lay.token_ids), -1), lay).astype(np.float16)
+        data, _ = await pooling(self.pool, self.pool.served_name, [lay.token_ids for lay in layouts],
+                                encoding_format="base64")
+        return [step_features(decode_hidden(d).reshape(len(lay.token_ids), -1), lay).astype(np.float16)
                 for d, lay in zip(data, layouts)]
 
     async def close(self) -> None:
@@ -278,25 +276,6 @@ async def feature_stage(w: Workers, rows: list[dict], store_dir: Path, tag: str)
 
 # ---------------------------------------------------------------- training
 
-def auroc(scores: Sequence[float], labels: Sequence[int]) -> float | None:
-    s, y = np.asarray(scores, float), np.asarray(labels, int)
-    pos, neg = s[y == 1], s[y == 0]
-    if len(pos) == 0 or len(neg) == 0:
-        return None
-    order = np.argsort(np.concatenate([pos, neg]), kind="mergesort")
-    ranks = np.empty(len(order))
-    allv = np.concatenate([pos, neg])[order]
-    # average ranks for ties
-    i = 0
-    while i < len(allv):
-        j = i
-        while j + 1 < len(allv) and allv[j + 1] == allv[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return float((ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
-
-
 def build_xy(rows: list[dict], feats: dict[str, list[np.ndarray]], mc: dict[str, list[float]]):
     xs, ys, groups, wts, last = [], [], [], [], []
     n_mc = 0
@@ -421,8 +400,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     head.metadata["timing_s"] = {"sampling": round(t_sample), "mc_labels": round(t_mc), "features": round(t_feat)}
     head.save(args.out)
     _say(f"wrote {args.out} ({Path(args.out).stat().st_size} bytes, head version {head.version})")
-    from .prm_report import evaluate, print_table
-
     report = evaluate(eval_list, eval_feats, head, draws=args.report_draws, seed=args.seed)
     report["train_problems"] = len(train_list)
     report["timing_s"] = dict(head.metadata["timing_s"], total=round(time.time() - t_start))
@@ -440,5 +417,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def report_main(argv: Sequence[str] | None = None) -> int:
+    """`python -m service.offline.train_prm report --head H [--json J] [train-prm args]`: the held-out report of a
+    saved head, re-sampled or read back from the work dir."""
+    ap = argparse.ArgumentParser(prog="prm-report")
+    ap.add_argument("--head", default="service/data/prm_head_smollm2.npz")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("rest", nargs=argparse.REMAINDER, help="train_prm arguments (work dir, datasets, eval sizes)")
+    a = ap.parse_args(argv)
+    args = parse_args(a.rest)
+
+    async def go() -> dict[str, Any]:
+        _, eval_p = select_problems(args.datasets, args.problems, args.eval_problems, args.seed)
+        w = Workers(args.policy_url, args.prm_url, Path(args.model_dir), args.policy_model, args.prm_model)
+        try:
+            rows = await sample_stage(w, eval_p, args.eval_samples, args, Path(args.work_dir) / "samples_eval.jsonl",
+                                      "eval")
+            eval_list = [rows[p["id"]] for p in eval_p]
+            feats = await feature_stage(w, eval_list, Path(args.work_dir) / "features", "eval")
+        finally:
+            await w.close()
+        return evaluate(eval_list, feats, PRMHead.load(a.head), draws=args.report_draws, seed=args.seed)
+
+    report = asyncio.run(go())
+    print_table(report)
+    if a.json:
+        Path(a.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(report_main(sys.argv[2:]) if sys.argv[1:2] == ["report"] else main())

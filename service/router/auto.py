@@ -1,7 +1,10 @@
 """`auto`: the compute-optimal choice per request, as a strategy the serving layer runs like any other.
 
 It estimates the difficulty (probe or prompt estimator, as the calibrated table says; probe FLOPs count against the
-budget), looks up the strategy calibrated for that difficulty bin and the remaining budget, and runs it."""
+budget), looks up the strategy calibrated for that difficulty bin and the remaining budget, and runs it.
+
+Registered in the strategy registry as `auto` (importing this module registers it), so serving builds it like
+every other strategy: `build_strategy("auto", params, max_n, table=..., on_choice=...)`."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict
 
+from ..strategies import StrategyParamError, register
 from ..strategies.base import ComputeBudget, Policy, Problem, ProgressCallback, Reward, StrategyResult
 from .difficulty import run_auto
 from .table import PolicyTable
@@ -22,7 +26,7 @@ class AutoStrategy:
     name = "auto"
     requires_reward = True
 
-    def __init__(self, table: PolicyTable, max_n: int, on_choice: Callable[[dict[str, Any]], None],
+    def __init__(self, table: PolicyTable, max_n: int | None, on_choice: Callable[[dict[str, Any]], None],
                  encoder: Any = None):
         self.table = table
         self.encoder = encoder  # router.hidden_difficulty.PromptEncoder, for a table with estimator "hidden"
@@ -37,3 +41,15 @@ class AutoStrategy:
         self.on_choice(info)
         result.details = dict(result.details or {}, auto=info)
         return result
+
+
+def build_auto(params: dict[str, Any], max_n: int | None, table: PolicyTable | None = None,
+               on_choice: Callable[[dict[str, Any]], None] | None = None, encoder: Any = None) -> AutoStrategy:
+    if params:
+        raise StrategyParamError("strategy", "strategy auto takes no parameters")
+    if table is None:
+        raise StrategyParamError("strategy", "strategy auto needs a calibrated policy table (TTC_POLICY_TABLE_PATH)")
+    return AutoStrategy(table, max_n, on_choice or (lambda info: None), encoder)
+
+
+register(AutoStrategy.name, build_auto)

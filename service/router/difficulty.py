@@ -22,7 +22,7 @@ from ..strategies.calls import BudgetedCalls
 from ..strategies.params import DEFAULT_STEP_DELIMITER
 from ..strategies.steps import split_steps
 from ..strategies.voting import aggregate_scores
-from .table import PolicyTable
+from .table import PolicyTable, choose, uses_probe
 
 log = logging.getLogger("ttc.router")
 
@@ -193,18 +193,16 @@ async def run_auto(problem: Problem, policy: Policy, reward: Reward | None, tabl
     probe_cost = policy.estimate_flops([problem.prompt], sampling, k)
     hidden = await hidden_bin(table, problem.question, encoder, budget) if table.estimator == "hidden" else None
     if hidden is not None:
-        bin_ = hidden[0]
-        info.update(estimator="hidden", statistic=hidden[1], probe_flops=hidden[2])
-    elif table.estimator == "probe" and reward is not None and budget.allows(probe_cost):
+        info.update(statistic=hidden[1], probe_flops=hidden[2])
+    if uses_probe(table.estimator, reward is not None, budget.allows(probe_cost)):
         probe = await probe_difficulty(problem, policy, reward, table, budget)
-        bin_ = probe.bin
-        info.update(estimator="probe", statistic=probe.statistic, probe_flops=probe.flops)
-    else:
-        bin_ = prompt_bin(table, problem.question) if table.prompt_model else N_BINS_DEFAULT
-    choice = table.lookup(bin_, None if limit is None else budget.remaining())
-    if choice is None:
-        raise ValueError(f"policy table has no entry for bin {bin_}")
-    info.update(bin=bin_, strategy=choice.strategy, params=choice.params,
+        info.update(statistic=probe.statistic, probe_flops=probe.flops)
+    estimated = probe is not None or hidden is not None
+    no_probe_bin = prompt_bin(table, problem.question) if not estimated and table.prompt_model else None
+    estimator, bin_, choice = choose(table, None if limit is None else budget.remaining(),
+                                     probe.bin if probe is not None else None, no_probe_bin,
+                                     hidden[0] if hidden is not None else None)
+    info.update(estimator=estimator, bin=bin_, strategy=choice.strategy, params=choice.params,
                 expected_accuracy=choice.expected_accuracy, below_all_budgets=choice.below_all_budgets)
     params = dict(choice.params)
     if max_n is not None and "n" in params:
@@ -220,5 +218,3 @@ async def run_auto(problem: Problem, policy: Policy, reward: Reward | None, tabl
         result = await strategy.run(problem, policy, reward, budget, progress)
     return result, info
 
-
-N_BINS_DEFAULT = 3  # the middle bin when a table has neither a usable probe nor a prompt model

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ..strategies.base import Problem
+
 FORMAT_VERSION = 1
 N_BINS = 5
 
@@ -48,7 +50,8 @@ class PolicyTable:
     reward_backend: str = "prm*arith"
     estimator: str = "probe"
     models: dict[str, Any] = field(default_factory=dict)
-    probe: dict[str, Any] = field(default_factory=lambda: {"k": 4, "temperature": 0.8, "max_tokens": 96})
+    probe: dict[str, Any] = field(default_factory=lambda: {"k": 4, "temperature": Problem.temperature,
+                                                            "max_tokens": 96})
     prompt_model: dict[str, Any] | None = None
     # estimator "hidden": the zero-decode head (router.hidden_difficulty), a path relative to the table's folder.
     hidden_head: dict[str, Any] | None = None
@@ -117,6 +120,33 @@ class PolicyTable:
         tmp = p.with_suffix(p.suffix + ".tmp")
         tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
         tmp.replace(p)
+
+
+MIDDLE_BIN = 3  # the bin when a table has neither a usable probe nor a prompt model
+
+
+def uses_probe(estimator: str, have_reward: bool, probe_fits: bool) -> bool:
+    """The routing rule's first half: the probe runs only when the table's estimator is the probe, a reward can
+    score its samples, and its worst case fits the budget; otherwise the zero-FLOPs prompt estimator decides."""
+    return estimator == "probe" and have_reward and probe_fits
+
+
+def choose(table: PolicyTable, budget_left: float | None, probe_bin: int | None,
+           prompt_bin: int | None, hidden_bin: int | None = None) -> tuple[str, int, Choice]:
+    """The routing rule's second half, the same live (router/difficulty.run_auto) and in replay (offline/fit.route,
+    offline/evaluate): the probe's bin when it ran, else the zero-decode head's when it ran, else the prompt
+    estimator's (the middle bin without a prompt model), then the table's entry for what is left of the budget.
+    Returns (estimator used, bin, choice)."""
+    if probe_bin is not None:
+        estimator, bin_ = "probe", probe_bin
+    elif hidden_bin is not None:
+        estimator, bin_ = "hidden", hidden_bin
+    else:
+        estimator, bin_ = "prompt", prompt_bin if prompt_bin is not None else MIDDLE_BIN
+    choice = table.lookup(bin_, budget_left)
+    if choice is None:
+        raise ValueError(f"policy table has no entry for bin {bin_}")
+    return estimator, bin_, choice
 
 
 def load(path: str | Path) -> PolicyTable:

@@ -1,19 +1,17 @@
 """Admission control: at most `max_concurrency` requests run, at most `max_queue` wait (for `queue_timeout_s`);
-the rest get a fast 503 with Retry-After. Bounded queue, bounded memory, and no accepted request is dropped."""
+the rest are refused at once (Overloaded, with when to retry). Bounded queue, bounded memory, and no
+accepted request is dropped."""
 
 from __future__ import annotations
 
 import asyncio
-from contextlib import asynccontextmanager
-from typing import AsyncIterator
 
-from ..api.errors import APIError
+from ..errors import Overloaded
 
 
-class Overloaded(APIError):
-    def __init__(self, retry_after_s: int, detail: str):
-        super().__init__(503, f"The gateway is at capacity ({detail}); retry shortly", code="overloaded",
-                         headers={"Retry-After": str(retry_after_s)})
+def _full(retry_after_s: int, detail: str) -> Overloaded:
+    return Overloaded(f"The gateway is at capacity ({detail}); retry shortly", code="overloaded",
+                      retry_after_s=retry_after_s)
 
 
 class Admission:
@@ -32,12 +30,12 @@ class Admission:
             self.running += 1
             return
         if self.waiting >= self.max_queue:
-            raise Overloaded(self.retry_after_s, f"{self.running} running, {self.waiting} queued")
+            raise _full(self.retry_after_s, f"{self.running} running, {self.waiting} queued")
         self.waiting += 1
         try:
             await asyncio.wait_for(self._slots.acquire(), self.queue_timeout_s)
         except asyncio.TimeoutError:
-            raise Overloaded(self.retry_after_s, f"queued {self.queue_timeout_s:.0f} s without a free slot")
+            raise _full(self.retry_after_s, f"queued {self.queue_timeout_s:.0f} s without a free slot")
         finally:
             self.waiting -= 1
         self.running += 1
@@ -45,11 +43,3 @@ class Admission:
     def release(self) -> None:
         self.running -= 1
         self._slots.release()
-
-    @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        await self.acquire()
-        try:
-            yield
-        finally:
-            self.release()

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Awaitable, Callable
-
-from starlette.responses import StreamingResponse
 
 from ..metrics import Metrics
 from .admission import Admission
@@ -17,6 +14,10 @@ from .observe import record_request
 from .quota import FlopsQuota, Reservation
 
 log = logging.getLogger("ttc.serving")
+
+# What the metrics record for the two ends that are not errors (the status an error gets is api/errors.py's).
+OK = 200
+CLIENT_GONE = 499  # nginx's "client closed request": the client left before the answer was complete
 
 
 class RequestLifecycle:
@@ -45,7 +46,7 @@ class RequestLifecycle:
             return
         self._closed = True
         # Nothing else said how it ended: the client left before the answer's first byte.
-        self.finish(self.ctx, 499, True)
+        self.finish(self.ctx, CLIENT_GONE, True)
         try:
             if self.reservation is not None:
                 try:
@@ -64,29 +65,3 @@ class RequestLifecycle:
     async def close_shielded(self) -> None:
         """close() that completes even when the caller is being cancelled."""
         await asyncio.shield(self.close())
-
-    def settling(self, response: StreamingResponse) -> StreamingResponse:
-        """The stream closes its body generator and the request when it ends, whether read to the end or
-        abandoned: a generator left suspended at a `yield` would otherwise never run its own end."""
-        return SettlingStream(response, self.close_shielded)
-
-
-class SettlingStream(StreamingResponse):
-    def __init__(self, inner: StreamingResponse, on_close: Callable[[], Awaitable[None]]):
-        self.__dict__.update(inner.__dict__)
-        self._on_close = on_close
-
-    def around(self, other: StreamingResponse) -> "SettlingStream":
-        """`other` (e.g. this stream's events rewritten for another API) ending the request as this one would."""
-        return SettlingStream(other, self._on_close)
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            try:
-                aclose = getattr(self.body_iterator, "aclose", None)
-                if aclose is not None:
-                    await asyncio.shield(aclose())
-            finally:
-                await self._on_close()

@@ -6,8 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..api.errors import APIError
+from ..budget import positive, requested_budget
 from ..config import KeyPolicy, Settings
+from ..errors import InvalidParameter, NotAllowed
+from ..router import auto as _auto  # noqa: F401  (registers the `auto` strategy)
 from ..strategies import Strategy, StrategyParamError, build_strategy
 
 NO_STRATEGY = "none"
@@ -54,67 +56,36 @@ def _raw(ttc: dict[str, Any], headers: dict[str, str], key: str) -> tuple[Any, s
     return ttc.get(key), f"ttc.{key}"
 
 
-def _positive(value: Any, name: str, integer: bool = False) -> float | int | None:
-    if value is None:
-        return None
-    try:
-        number = int(value) if integer and not isinstance(value, float) else float(value)
-    except (TypeError, ValueError):
-        kind = "a positive integer" if integer else "a positive number, e.g. 2.5e13"
-        raise APIError(400, f"{name} must be {kind}", param=name, code="invalid_value")
-    if isinstance(value, bool) or not number > 0 or number == float("inf"):
-        raise APIError(400, f"{name} must be a positive finite number", param=name, code="invalid_value")
-    return number
-
-
-def _cap(value: float | None, *caps: float | None) -> tuple[float | None, bool]:
-    limits = [c for c in caps if c is not None]
-    if not limits:
-        return value, False
-    cap = min(limits)
-    if value is None or value > cap:
-        # No budget asked for under a cap means the cap: a client can never buy more than it.
-        return cap, value is not None
-    return value, False
-
-
 def parse_options(ttc: dict[str, Any] | None, headers: dict[str, str], settings: Settings,
                   key_policy: KeyPolicy | None) -> TTCOptions:
     ttc = dict(ttc or {})
     name, name_src = _raw(ttc, headers, "strategy")
     name = name or settings.default_strategy
     if not isinstance(name, str):
-        raise APIError(400, f"{name_src} must be a string", param=name_src, code="invalid_value")
+        raise InvalidParameter(f"{name_src} must be a string", param=name_src, code="invalid_value")
     kp = key_policy or KeyPolicy()
     if kp.strategies is not None and name not in kp.strategies and name != NO_STRATEGY:
-        raise APIError(403, f"This API key may not use strategy {name!r}; allowed: {', '.join(kp.strategies)}",
-                       param=name_src, code="strategy_not_allowed")
+        raise NotAllowed(f"This API key may not use strategy {name!r}; allowed: {', '.join(kp.strategies)}",
+                         param=name_src, code="strategy_not_allowed")
 
-    flops = _positive(*_raw(ttc, headers, "budget_flops"))
-    tokens = _positive(*_raw(ttc, headers, "budget_tokens"), integer=True)
-    deadline = _positive(*_raw(ttc, headers, "deadline_ms"), integer=True)
-    mode, mode_src = _raw(ttc, headers, "budget_mode")
-    mode = mode or "enforce"
-    if mode not in ("enforce", "report"):
-        raise APIError(400, f"{mode_src} must be 'enforce' or 'report'", param=mode_src, code="invalid_value")
-    if flops is None:
-        flops = kp.default_budget_flops or settings.default_budget_flops
-    flops, capped = _cap(flops, settings.max_budget_flops, kp.max_budget_flops)
-    if capped:
-        mode = "enforce"  # a cap is never merely reported
+    budget = requested_budget(_raw(ttc, headers, "budget_flops"), _raw(ttc, headers, "budget_tokens"),
+                              _raw(ttc, headers, "budget_mode"), kp.default_budget_flops or settings.default_budget_flops,
+                              (settings.max_budget_flops, kp.max_budget_flops))
+    deadline = positive(*_raw(ttc, headers, "deadline_ms"), integer=True)
     if deadline is None:
         deadline = settings.default_deadline_ms
 
     params = {k: v for k, v in ttc.items() if k not in _HEADERS}
     if name == NO_STRATEGY and params:
-        raise APIError(400, f"ttc parameters {sorted(params)} need a strategy", param="ttc.strategy",
-                       code="invalid_value")
-    return TTCOptions(name, params, flops, tokens, deadline, mode, capped)
+        raise InvalidParameter(f"ttc parameters {sorted(params)} need a strategy", param="ttc.strategy",
+                               code="invalid_value")
+    return TTCOptions(name, params, budget.flops, budget.tokens, deadline, budget.mode, budget.capped)
 
 
-def make_strategy(options: TTCOptions, max_n: int) -> Strategy:
+def make_strategy(options: TTCOptions, max_n: int, **context: Any) -> Strategy:
+    """The request's strategy from the registry (`auto` included: `context` carries what it needs)."""
     try:
-        return build_strategy(options.strategy_name, options.params, max_n=max_n)
+        return build_strategy(options.strategy_name, options.params, max_n=max_n, **context)
     except StrategyParamError as exc:
         param = "ttc.strategy" if exc.param == "strategy" else f"ttc.{exc.param}"
-        raise APIError(400, f"Invalid {param}: {exc.message}", param=param, code="invalid_value")
+        raise InvalidParameter(f"Invalid {param}: {exc.message}", param=param, code="invalid_value")

@@ -10,15 +10,17 @@ from contextlib import AsyncExitStack
 from typing import Any, AsyncIterator, Callable
 
 import orjson
-from starlette.responses import Response, StreamingResponse
 
-from ..api.protocol import ECHOED_MESSAGE_FIELDS, NOT_FORWARDED, ChatCompletionRequest, CompletionRequest
+from ..errors import ServiceError, Unavailable, UpstreamError
+from ..protocol.completions import ECHOED_MESSAGE_FIELDS, NOT_FORWARDED, ChatCompletionRequest, CompletionRequest
 from ..workers.policy import PolicyClient
 from ..workers.pool import WorkerError, WorkerUnavailable
 from . import sse
 from .context import RequestContext
+from .lifecycle import CLIENT_GONE, OK
 from .response_cache import ResponseCache, body_from_stream, replay_stream
-from .responses import budget_fields, decorate_upstream, system_fingerprint, ttc_headers, ttc_object, with_fingerprint
+from .responses import budget_fields, decorate_upstream, system_fingerprint, ttc_object, with_fingerprint
+from .results import Answer, Result, Stream
 
 STRATEGY = "none"
 UPSTREAM_PATH = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
@@ -42,30 +44,32 @@ def upstream_payload(req: ChatCompletionRequest | CompletionRequest, model: str,
 
 
 async def forward(policy: PolicyClient, cache: ResponseCache, ctx: RequestContext,
-                  req: ChatCompletionRequest | CompletionRequest, max_tokens: int, finish: Finish) -> Response:
+                  req: ChatCompletionRequest | CompletionRequest, max_tokens: int, finish: Finish,
+                  status_of: Callable[[ServiceError], int]) -> Result:
     key = cache.key_for(ctx, req, max_tokens)
     cached = await cache.lookup(ctx, key)
     if cached is not None:
         if req.stream:
-            return _stream_response(_finishing(replay_stream(ctx, cached, req.include_usage), ctx, finish), ctx)
-        finish(ctx, 200, False)
-        return Response(orjson.dumps(cached), media_type="application/json", headers=ttc_headers(ctx))
+            return Stream(_finishing(replay_stream(ctx, cached, req.include_usage), ctx, finish))
+        finish(ctx, OK, False)
+        return Answer(cached)
 
     payload = upstream_payload(req, policy.model, max_tokens)
     path = UPSTREAM_PATH[ctx.route]
     if req.stream:
-        return await _forward_stream(policy, cache, key, ctx, path, payload, req.include_usage, req.n, finish)
+        return await _forward_stream(policy, cache, key, ctx, path, payload, req.include_usage, req.n, finish,
+                                     status_of)
     body = await policy.pool.post_json(path, payload)
     policy.meter_usage(ctx.meter, body.get("usage"), req.n, ctx.prompt_tokens)
     body = decorate_upstream(body, ctx, STRATEGY)
     await cache.store(ctx, key, body)
-    finish(ctx, 200, False)
-    return Response(orjson.dumps(body), media_type="application/json", headers=ttc_headers(ctx))
+    finish(ctx, OK, False)
+    return Answer(body)
 
 
 async def _forward_stream(policy: PolicyClient, cache: ResponseCache, key: str | None, ctx: RequestContext,
                           path: str, payload: dict[str, Any], include_usage: bool, n: int,
-                          finish: Finish) -> Response:
+                          finish: Finish, status_of: Callable[[ServiceError], int]) -> Result:
     stack = AsyncExitStack()
     # Open upstream before answering 200, so an unavailable worker is still a proper 503.
     events = await stack.enter_async_context(policy.pool.stream(path, payload))
@@ -109,31 +113,28 @@ async def _forward_stream(policy: PolicyClient, cache: ResponseCache, key: str |
             yield sse.DONE
             if complete and stored is not None and store_key is not None:
                 await cache.store(ctx, store_key, stored)
-            finish(ctx, 200, False)
+            finish(ctx, OK, False)
         except WorkerUnavailable as exc:
-            yield sse.error_event(f"policy worker failed mid-stream: {exc.detail}", "service_unavailable",
-                                  "workers_unavailable")
+            # Headers are sent: the error goes in-band, then [DONE].
+            down = Unavailable(f"policy worker failed mid-stream: {exc.detail}", code="workers_unavailable")
+            yield sse.error_event(down.message, "service_unavailable", down.code)
             yield sse.DONE
-            finish(ctx, 503, False)
+            finish(ctx, status_of(down), False)
         except WorkerError as exc:
-            yield sse.error_event(exc.message, "server_error", "upstream_error")
+            failed = UpstreamError(exc.message, code="upstream_error")
+            yield sse.error_event(failed.message, "server_error", failed.code)
             yield sse.DONE
-            finish(ctx, 502, False)
+            finish(ctx, status_of(failed), False)
         finally:
             # Reached on normal end and when the client goes away (the generator is cancelled or closed):
             # closing the upstream stream makes vLLM abort the generation.
             await stack.aclose()
-            finish(ctx, 499, True)
+            finish(ctx, CLIENT_GONE, True)
 
-    return _stream_response(body(), ctx)
+    return Stream(body())
 
 
 async def _finishing(events: AsyncIterator[bytes], ctx: RequestContext, finish: Finish) -> AsyncIterator[bytes]:
     async for item in events:
         yield item
-    finish(ctx, 200, False)
-
-
-def _stream_response(events: AsyncIterator[bytes], ctx: RequestContext) -> StreamingResponse:
-    headers = dict(sse.SSE_HEADERS, **ttc_headers(ctx, flops=False))
-    return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+    finish(ctx, OK, False)

@@ -11,7 +11,7 @@ from typing import Any, AsyncIterator
 
 import orjson
 
-from ..api.protocol_tools import IGNORED_FIELDS
+from ..protocol.tools import IGNORED_FIELDS
 from ..cache import Cache, cache_key, cacheable_response, parse_cache_control
 from . import sse
 from .context import RequestContext

@@ -1,4 +1,5 @@
-"""OpenAI response bodies and the gateway's additions to them (usage.flops, the `ttc` object, X-TTC-* headers)."""
+"""OpenAI response bodies and the gateway's additions to them (usage.flops, the `ttc` object); the X-TTC-* headers
+are api/http.py's."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from typing import Any
 
 from ..metering import Meter
 from .context import RequestContext
-from .quota import flops_int
 
 # vLLM-only fields that are null unless asked for; dropped so responses look like OpenAI's.
 _VLLM_NULL_FIELDS = ("token_ids", "prompt_token_ids", "prompt_logprobs", "routed_experts", "kv_transfer_params",
@@ -53,21 +53,6 @@ def ttc_object(strategy: str, meter: Meter, **extra: Any) -> dict[str, Any]:
     }
     obj.update({k: v for k, v in extra.items() if v is not None})
     return obj
-
-
-def ttc_headers(ctx: RequestContext, flops: bool = True) -> dict[str, str]:
-    """The X-TTC-* response headers; a stream's headers leave before its FLOPs are known (they go in its usage chunk)."""
-    headers = {"X-TTC-Strategy": ctx.strategy, "X-TTC-Cache": ctx.cache_status}
-    if flops:
-        # Whole FLOPs, exactly what a quota is charged (a short float would not add up to the quota's counter).
-        headers["X-TTC-FLOPs"] = str(flops_int(ctx.meter.total_flops))
-        if ctx.budget_flops is not None:
-            headers["X-TTC-Budget-Remaining-FLOPs"] = str(flops_int(ctx.budget_flops - ctx.meter.total_flops))
-    if ctx.difficulty is not None:
-        headers["X-TTC-Difficulty"] = str(ctx.difficulty)
-    if ctx.expected_accuracy is not None:
-        headers["X-TTC-Expected-Accuracy"] = f"{ctx.expected_accuracy:.4f}"
-    return headers
 
 
 def budget_fields(ctx: RequestContext) -> dict[str, Any]:

@@ -4,16 +4,14 @@ answer as JSON or as a real stream (keep-alives while searching, the fixed share
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
-import orjson
-from starlette.responses import Response, StreamingResponse
-
-from ..api.errors import APIError
-from ..api.protocol import (ECHOED_MESSAGE_FIELDS, PASSTHROUGH_ONLY_FIELDS, STRATEGY_SAMPLING_FIELDS,
+from ..budget import ComputeBudget, check_one_answer
+from ..errors import InvalidParameter, ServiceError, Unavailable
+from ..protocol.completions import (ECHOED_MESSAGE_FIELDS, PASSTHROUGH_ONLY_FIELDS, STRATEGY_SAMPLING_FIELDS,
                             ChatCompletionRequest, CompletionRequest)
 from ..strategies import Strategy
-from ..strategies.base import ComputeBudget, Problem, SamplingParams, StrategyResult
+from ..strategies.base import Problem, SamplingParams, StrategyResult
 from ..cache import SampleStore, parse_cache_control
 from ..workers.policy import MeteredPolicy, PolicyClient
 from ..workers.pool import WorkerError, WorkerUnavailable
@@ -21,11 +19,12 @@ from . import sse
 from .context import RequestContext
 from .passthrough import Finish
 from .sample_reuse import SampleReusingPolicy
-from .responses import (budget_fields, chat_response, chunk, completion_response, ttc_headers, ttc_object, usage_block,
-                        usage_chunk)
+from .lifecycle import CLIENT_GONE, OK
+from .responses import budget_fields, chat_response, chunk, completion_response, ttc_object, usage_block, usage_chunk
+from .results import Answer, Result, Stream
 
 KEEP_ALIVE_S = 5.0
-DEFAULT_TEMPERATURE = 0.8
+INTERNAL = 500
 
 
 # Strategies that sample whole answers, so each candidate can be guided to one JSON value; the step-wise searches
@@ -36,17 +35,17 @@ STRUCTURED_STRATEGIES = ("best_of_n", "greedy")
 def check_supported(req: ChatCompletionRequest | CompletionRequest, strategy: str) -> None:
     """What a strategy cannot honour is a 400 naming the field, never silently dropped."""
     if getattr(req, "tools", None):
-        raise APIError(400, f"strategy {strategy} does not support tool calls; use strategy none", param="tools",
-                       code="unsupported_parameter")
+        raise InvalidParameter(f"strategy {strategy} does not support tool calls; use strategy none", param="tools",
+                               code="unsupported_parameter")
     for name in PASSTHROUGH_ONLY_FIELDS:
         value = getattr(req, name, None)
         if value is not None and not (name == "tool_choice" and value == "none"):
-            raise APIError(400, f"{name} is not supported with strategy {strategy}; use strategy none", param=name,
-                           code="unsupported_parameter")
+            raise InvalidParameter(f"{name} is not supported with strategy {strategy}; use strategy none",
+                                   param=name, code="unsupported_parameter")
     if req.response_format is not None and req.response_format.structured and strategy not in STRUCTURED_STRATEGIES:
-        raise APIError(400, f"strategy {strategy} does not support response_format (it extends partial answers "
-                            f"step by step); use {', '.join(STRUCTURED_STRATEGIES)} or none",
-                       param="response_format", code="unsupported_parameter")
+        raise InvalidParameter(f"strategy {strategy} does not support response_format (it extends partial answers "
+                               f"step by step); use {', '.join(STRUCTURED_STRATEGIES)} or none",
+                               param="response_format", code="unsupported_parameter")
 
 
 def sampling_extras(req: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
@@ -73,13 +72,14 @@ async def build_problem(policy: PolicyClient, ctx: RequestContext, req: ChatComp
     else:
         text = req.single_text_prompt()
         if text is None:
-            raise APIError(400, "A ttc strategy takes a single text prompt", param="prompt", code="invalid_value")
+            raise InvalidParameter("A ttc strategy takes a single text prompt", param="prompt", code="invalid_value")
         prompt = question = text
         tok = await policy.pool.post_json("/tokenize", {"model": policy.model, "prompt": prompt})
         prompt_tokens = int(tok.get("count") or len(tok.get("tokens") or ()))
     structured = req.response_format is not None and req.response_format.structured
     problem = Problem(prompt=prompt, question=question, max_tokens=max_tokens,
-                      temperature=DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
+                      # Problem's own default (the one home of the search temperature) unless the client set one.
+                      temperature=Problem.temperature if req.temperature is None else req.temperature,
                       top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stop=tuple(req.stop or ()),
                       structured=structured)
     return problem, prompt_tokens
@@ -100,10 +100,11 @@ def result_ttc(ctx: RequestContext, strategy: Strategy, reward_name: str | None,
 async def run(policy_client: PolicyClient, reward: Any, ctx: RequestContext,
               req: ChatCompletionRequest | CompletionRequest, strategy: Strategy, budget_flops: float | None,
               max_tokens: int, finish: Finish, extra: dict[str, Any], soft_deadline: float | None = None,
-              sample_store: SampleStore | None = None, samples_ttl_s: float = 3600.0) -> Response:
+              sample_store: SampleStore | None = None, samples_ttl_s: float = 3600.0,
+              status_of: Callable[[ServiceError], int] | None = None) -> Result:
     if req.n != 1:
-        raise APIError(400, "n must be 1 with a ttc strategy; the number of samples is ttc.n", param="n",
-                       code="invalid_value")
+        raise InvalidParameter("n must be 1 with a ttc strategy; the number of samples is ttc.n", param="n",
+                               code="invalid_value")
     check_supported(req, strategy.name)
     problem, prompt_tokens = await build_problem(policy_client, ctx, req, max_tokens)
     policy = MeteredPolicy(policy_client, ctx.meter, sampling_extras(req))
@@ -114,10 +115,7 @@ async def run(policy_client: PolicyClient, reward: Any, ctx: RequestContext,
     budget = ComputeBudget(budget_flops, lambda: ctx.meter.total_flops, deadline=soft_deadline)
     await policy_client.count_tokens([problem.prompt])  # the check below then uses the exact prompt tokens
     one_answer = policy.estimate_flops([problem.prompt], SamplingParams(max_tokens=max_tokens, temperature=0.0))
-    if not budget.allows(one_answer):
-        raise APIError(400, f"The FLOPs budget {budget_flops:.3e} cannot pay for even one answer of up to "
-                            f"{max_tokens} tokens (about {one_answer:.3e} FLOPs); raise it or lower max_tokens",
-                       param="X-TTC-Budget-FLOPs", code="budget_exceeded")
+    check_one_answer(budget, one_answer, max_tokens)
     reward_name = getattr(reward, "name", None)
     if not req.stream:
         result = await strategy.run(problem, policy, reward, budget)
@@ -126,17 +124,16 @@ async def run(policy_client: PolicyClient, reward: Any, ctx: RequestContext,
         build = chat_response if ctx.route == "chat" else completion_response
         usage = usage_block(ctx.meter, prompt_tokens, result.completion_tokens)
         body = build(ctx, policy_client.model, result.text, result.finish_reason, ttc, usage)
-        finish(ctx, 200, False)
-        return Response(orjson.dumps(body), media_type="application/json", headers=ttc_headers(ctx))
-    events = _stream(policy_client.model, ctx, strategy, problem, policy, reward, budget, req.include_usage,
-                     finish, extra, prompt_tokens)
-    return StreamingResponse(events, media_type="text/event-stream",
-                             headers=dict(sse.SSE_HEADERS, **ttc_headers(ctx, flops=False)))
+        finish(ctx, OK, False)
+        return Answer(body)
+    return Stream(_stream(policy_client.model, ctx, strategy, problem, policy, reward, budget, req.include_usage,
+                          finish, extra, prompt_tokens, status_of))
 
 
 async def _stream(model: str, ctx: RequestContext, strategy: Strategy, problem: Problem, policy: Any,
                   reward: Any, budget: ComputeBudget, include_usage: bool, finish: Finish,
-                  extra: dict[str, Any], prompt_tokens: int) -> AsyncIterator[bytes]:
+                  extra: dict[str, Any], prompt_tokens: int,
+                  status_of: Callable[[ServiceError], int] | None) -> AsyncIterator[bytes]:
     queue: asyncio.Queue[str] = asyncio.Queue()
 
     async def progress(text: str) -> None:
@@ -145,7 +142,7 @@ async def _stream(model: str, ctx: RequestContext, strategy: Strategy, problem: 
     rid = ctx.response_id
     task = asyncio.create_task(strategy.run(problem, policy, reward, budget, progress))
     sent = ""
-    status, disconnected = 499, True
+    status, disconnected = CLIENT_GONE, True
     getter: asyncio.Future | None = None
     try:
         if ctx.route == "chat":
@@ -175,12 +172,13 @@ async def _stream(model: str, ctx: RequestContext, strategy: Strategy, problem: 
             usage = usage_block(ctx.meter, prompt_tokens, result.completion_tokens)
             yield sse.event(usage_chunk(ctx, rid, model, usage, ttc))
         yield sse.DONE
-        status, disconnected = 200, False
+        status, disconnected = OK, False
     except (WorkerUnavailable, WorkerError) as exc:
         detail = exc.detail if isinstance(exc, WorkerUnavailable) else exc.message
-        yield sse.error_event(f"search failed: {detail}", "service_unavailable", "workers_unavailable")
+        error = Unavailable(f"search failed: {detail}", code="workers_unavailable")
+        yield sse.error_event(error.message, "service_unavailable", error.code)
         yield sse.DONE
-        status, disconnected = 503, False
+        status, disconnected = (status_of(error) if status_of else INTERNAL), False
     finally:
         # A client that goes away cancels or closes this generator: cancel the search and, with it, its upstream
         # calls, and the pending queue read (left pending, it is destroyed with a warning).

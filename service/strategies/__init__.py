@@ -9,7 +9,7 @@ Every strategy has `name`, `params` (a frozen pydantic model; `params.model_dump
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from .base import ComputeBudget, Policy, Problem, ProgressCallback, Reward, StrategyResult
 from .beam_search import BeamSearch
@@ -62,11 +62,25 @@ PARAMS: dict[str, type] = {
 }
 
 
-def build_strategy(name: str, params: dict[str, Any] | None = None, max_n: int | None = None) -> Strategy:
+# Strategies built on the ones above that need what only the running gateway has (e.g. `auto` needs the calibrated
+# policy table): registered by their own module (router/auto.py), built with that context as keyword arguments.
+# factory(params, max_n, **context) validates its own params and raises StrategyParamError.
+COMPOSITE: dict[str, Callable[..., Strategy]] = {}
+
+
+def register(name: str, factory: Callable[..., Strategy]) -> None:
+    COMPOSITE[name] = factory
+
+
+def build_strategy(name: str, params: dict[str, Any] | None = None, max_n: int | None = None,
+                   **context: Any) -> Strategy:
     """A ready strategy; `max_n` caps `n` (the gateway's limit). Raises StrategyParamError on anything invalid."""
+    if name in COMPOSITE:
+        return COMPOSITE[name](params or {}, max_n, **context)
     if name not in STRATEGIES:
-        raise StrategyParamError("strategy", f"unknown strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}")
+        known = ", ".join(sorted([*STRATEGIES, *COMPOSITE]))
+        raise StrategyParamError("strategy", f"unknown strategy {name!r}; known: {known}")
     return STRATEGIES[name](validate_params(PARAMS[name], params, max_n))
 
 
-__all__ = ["PARAMS", "STRATEGIES", "Strategy", "StrategyParamError", "build_strategy"]
+__all__ = ["COMPOSITE", "PARAMS", "STRATEGIES", "Strategy", "StrategyParamError", "build_strategy", "register"]

@@ -7,9 +7,10 @@ which keeps them testable in milliseconds against in-memory fakes and reusable b
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Protocol, Sequence
+
+from ..budget import ComputeBudget  # noqa: F401  (its home is budget.py; strategies import it from here)
 
 
 @dataclass(frozen=True)
@@ -91,33 +92,6 @@ class Reward(Protocol):
 
     def estimate_flops(self, question: str, candidates: Sequence[Sequence[str]]) -> float:
         ...
-
-
-class ComputeBudget:
-    """What a request may spend. `spent` reads the live meter so strategies see policy and reward FLOPs alike."""
-
-    def __init__(self, limit_flops: float | None, spent: Callable[[], float], deadline: float | None = None):
-        self.limit_flops = limit_flops
-        self._spent = spent
-        # time.monotonic() after which nothing new may start: the search returns its best so far.
-        self.deadline = deadline
-
-    @property
-    def spent(self) -> float:
-        return self._spent()
-
-    def remaining(self) -> float:
-        return float("inf") if self.limit_flops is None else max(0.0, self.limit_flops - self.spent)
-
-    def allows(self, extra_flops: float) -> bool:
-        """True if spending `extra_flops` more stays within the limit (anytime strategies ask before expanding)."""
-        if self.deadline is not None and time.monotonic() >= self.deadline:
-            return False
-        return self.limit_flops is None or self.spent + extra_flops <= self.limit_flops
-
-    @classmethod
-    def unlimited(cls) -> "ComputeBudget":
-        return cls(None, lambda: 0.0)
 
 
 @dataclass

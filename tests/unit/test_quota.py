@@ -12,7 +12,7 @@ import signal
 import pytest
 import redis
 
-from service.cache import build_cache
+from service.cache import RedisCache, build_cache
 from service.serving.quota import FlopsQuota, QuotaExceeded, QuotaUnavailable, flops_int
 from tests.conftest import RedisServer
 
@@ -26,10 +26,29 @@ def redis_server():
     server.stop()
 
 
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 def _quota(url: str | None, **kw) -> FlopsQuota:
-    cache = build_cache(url, key_prefix="qt:", socket_timeout_s=0.1, connect_timeout_s=0.1, breaker_failures=1,
-                        breaker_reset_s=0.2)
+    if url:
+        # The breaker's clock is the test's: its reset time passes without waiting.
+        cache = RedisCache(url, key_prefix="qt:", socket_timeout_s=0.1, connect_timeout_s=0.1, breaker_failures=1,
+                           breaker_reset_s=0.2, clock=FakeClock())
+    else:
+        cache = build_cache(url, key_prefix="qt:")
     return FlopsQuota(cache, **kw)
+
+
+def _reset_breaker(quota: FlopsQuota) -> None:
+    quota.redis.breaker._clock.advance(0.25)
 
 
 def _counter(server: RedisServer, key: str) -> int:
@@ -109,7 +128,7 @@ async def test_redis_down_fails_closed_by_default(redis_server):
             await quota.reserve("k4", 1e11, LIMIT, 3600)
     finally:
         _resume(redis_server)
-    await asyncio.sleep(0.25)  # breaker half-opens
+    _reset_breaker(quota)  # breaker half-opens
     res = await quota.reserve("k4", 1e11, LIMIT, 3600)  # the lost reservation is cancelled first
     await quota.settle(res, 3e10)
     assert _counter(redis_server, "k4") == 3 * 10**10 and quota.backlog == 0
@@ -128,7 +147,7 @@ async def test_redis_down_fail_open_counts_locally_and_replays(redis_server):
         assert quota.backlog >= 1
     finally:
         _resume(redis_server)
-    await asyncio.sleep(0.25)
+    _reset_breaker(quota)
     last = await quota.reserve("k5", 1e11, LIMIT, 3600)  # Redis answers: the ledger is replayed first
     await quota.settle(last, 1e11)
     assert quota.backlog == 0

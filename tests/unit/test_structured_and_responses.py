@@ -7,10 +7,10 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
-from service.api.protocol import ChatCompletionRequest
-from service.api.protocol_tools import refused_fields
+from service.protocol.completions import ChatCompletionRequest
+from service.protocol.tools import refused_fields
 from service.api.responses_api import EventStream, from_chat
-from service.api.responses_protocol import ResponsesRequest, to_chat
+from service.protocol.responses import ResponsesRequest, to_chat
 from service.serving.passthrough import upstream_payload
 from service.strategies import build_strategy
 from service.strategies.base import Problem

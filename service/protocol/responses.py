@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .protocol import ChatCompletionRequest, StrictModel
+from .completions import ChatCompletionRequest, StrictModel
 
 _Strict = StrictModel  # the chat protocol's strict base: unknown fields are a 400 here too
 

@@ -1,6 +1,6 @@
 """OpenAI request models as clients send them. Unknown or unsupported fields are rejected (400), not ignored; known
 fields sent as null mean their default (clients send them so), and the harmless OpenAI-only ones are accepted
-(protocol_tools.IGNORED_FIELDS).
+(tools.IGNORED_FIELDS).
 
 Kept apart from serving logic, as vLLM's OpenAI server keeps its protocol module.
 """
@@ -12,8 +12,8 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from .strict import StrictModel
-from .protocol_tools import (IGNORED_FIELDS, RefusalPart, ResponseFormat, TextPart, ToolCall, ToolChoice,
-                             ToolDefinition, content_text, parse_content)
+from .tools import (IGNORED_FIELDS, RefusalPart, ResponseFormat, TextPart, ToolCall, ToolChoice,
+                    ToolDefinition, content_text, parse_content)
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
@@ -199,8 +199,6 @@ class CompletionRequest(SamplingFields):
             return self.prompt[0]
         return None
 
-
-PASS_THROUGH_FIELDS = ("n", "temperature", "top_p", "stop", "seed", "user", "presence_penalty", "frequency_penalty")
 
 # Per-token sampling controls a strategy applies to every engine call it makes (each candidate is sampled alike).
 STRATEGY_SAMPLING_FIELDS = ("top_k", "min_p", "repetition_penalty", "logit_bias", "presence_penalty",
