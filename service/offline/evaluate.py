@@ -142,6 +142,10 @@ def evaluate(header: dict[str, Any], problems: Sequence[dict[str, Any]], backend
         report["table"]["held_out_auto_curve"] = _curve(aa, af, w_ho)
         report["table"]["held_out_auto_probe_share"] = probe_share.mean(0).round(3).tolist()
         report["table"]["estimator"] = table.estimator
+        report["table"]["auto_minus_best_fixed"] = minus_best_fixed(
+            acc[fit][:, mine], fl[fit][:, mine], acc[ho][:, mine], aa, cfgs, budgets, w_ho)
+        report["table"]["held_out_by_source"] = by_source(
+            [bank.sources[i] for i in ho], acc[ho][:, base_k[-1]], aa[:, -1])
         report["table"]["held_out_auto_ratio"] = _ratio(ratio_with_interval(acc[ho][:, base_k], fl[ho][:, base_k],
                                                                             aa, af, w_ho))
 
@@ -159,6 +163,35 @@ def evaluate(header: dict[str, Any], problems: Sequence[dict[str, Any]], backend
                 "hopeless_share": _fmt(out["hopeless_share"].mean(), 3)}
     report["early_stopping"] = {"n_max": n_max, "rules": stops}
     return report, table
+
+
+def minus_best_fixed(acc_fit: np.ndarray, fl_fit: np.ndarray, acc_ho: np.ndarray, auto_acc: np.ndarray,
+                     configs: Sequence[Any], budgets: Sequence[float], w_ho: np.ndarray) -> list[dict[str, Any]]:
+    """Per budget: `auto` minus the best fixed configuration, on the held-out problems with a bootstrap interval.
+    "Best fixed" is chosen where the table was fitted (highest accuracy among configs whose mean FLOPs fit the
+    budget), so neither side is chosen on the problems it is scored on."""
+    mean_acc, mean_fl = acc_fit.mean(0), fl_fit.mean(0)
+    out = []
+    for j, g in enumerate(budgets):
+        feasible = np.flatnonzero(mean_fl <= g)
+        if not feasible.size:
+            out.append({"budget_flops": g, "fixed": None})
+            continue
+        k = int(feasible[np.argmax(mean_acc[feasible])])
+        d = with_intervals((auto_acc[:, j] - acc_ho[:, k])[:, None], w_ho)
+        out.append({"budget_flops": g, "fixed": configs[k].key,
+                    "difference": _ci(d["mean"][0], d["lo"][0], d["hi"][0])})
+    return out
+
+
+def by_source(sources: Sequence[str], base: np.ndarray, auto_acc: np.ndarray) -> dict[str, Any]:
+    """Held-out accuracy per dataset source at the largest budget: best-of-N weighted (largest N) and `auto`."""
+    out = {}
+    for src in sorted(set(sources)):
+        rows = np.array([s == src for s in sources])
+        out[src] = {"problems": int(rows.sum()), "best_of_n_weighted": _fmt(base[rows].mean(), 4),
+                    "auto": _fmt(auto_acc[rows].mean(), 4)}
+    return out
 
 
 def hidden_auto_outcomes(table: Any, acc: np.ndarray, flops: np.ndarray, configs: Sequence[Any], stat: np.ndarray,
@@ -218,6 +251,19 @@ def markdown(rep: dict[str, Any]) -> str:
         ratio = "not reached" if r["ratio"] is None else f"{r['ratio']:.2f}x [{r['lo']:.2f}, {r['hi']:.2f}]"
         lines.append(f"| {name} | " + " | ".join(f"{pct(p['accuracy'])} ({fl(p['flops'])})" for p in pol["curve"])
                      + f" | {ratio} (not reached in {100 * r['not_reached_share']:.0f}% of resamples) |")
+    diffs = rep["table"].get("auto_minus_best_fixed")
+    if diffs:
+        cell = lambda d: ("-" if not d.get("fixed") else  # noqa: E731
+                          f"{100 * d['difference']['mean']:+.1f} [{100 * d['difference']['lo']:+.1f}, "
+                          f"{100 * d['difference']['hi']:+.1f}]")
+        lines += ["", "`auto` minus the best fixed configuration (chosen on the fitted problems), held-out, points "
+                      "[95%]: " + ", ".join(f"B={g} gen {cell(d)}" for g, d in zip(rep["budgets_generations"], diffs))
+                  + "."]
+    src = rep["table"].get("held_out_by_source")
+    if src:
+        lines += ["", "Held out, by source, at the largest budget (best-of-N weighted N=max / `auto`): " + "; ".join(
+            f"{k} ({v['problems']}): {100 * v['best_of_n_weighted']:.1f}% / {100 * v['auto']:.1f}%"
+            for k, v in src.items()) + "."]
     lines += ["", f"Predicted / oracle efficiency: {rep['predicted_over_oracle']}.", "",
               f"Early stopping inside best-of-{rep['early_stopping']['n_max']} (same orderings):", "",
               "| rule | accuracy % | full best-of-N % | lost, points [95%] | mean samples | saved |", "|---|---|---|---|---|---|"]
