@@ -8,6 +8,7 @@ import asyncio
 import os
 import random
 import signal
+import time
 
 import pytest
 import redis
@@ -37,11 +38,11 @@ class FakeClock:
         self.now += seconds
 
 
-def _quota(url: str | None, **kw) -> FlopsQuota:
+def _quota(url: str | None, clock=time.monotonic, **kw) -> FlopsQuota:
     if url:
-        # The breaker's clock is the test's: its reset time passes without waiting.
+        # Tests that wait for the breaker pass a FakeClock: its reset time then passes without waiting.
         cache = RedisCache(url, key_prefix="qt:", socket_timeout_s=0.1, connect_timeout_s=0.1, breaker_failures=1,
-                           breaker_reset_s=0.2, clock=FakeClock())
+                           breaker_reset_s=0.2, clock=clock)
     else:
         cache = build_cache(url, key_prefix="qt:")
     return FlopsQuota(cache, **kw)
@@ -121,7 +122,7 @@ def _resume(server: RedisServer):
 
 
 async def test_redis_down_fails_closed_by_default(redis_server):
-    quota = _quota(redis_server.url)
+    quota = _quota(redis_server.url, FakeClock())
     _pause(redis_server)
     try:
         with pytest.raises(QuotaUnavailable):
@@ -135,7 +136,7 @@ async def test_redis_down_fails_closed_by_default(redis_server):
 
 
 async def test_redis_down_fail_open_counts_locally_and_replays(redis_server):
-    quota = _quota(redis_server.url, on_store_failure="fail_open")
+    quota = _quota(redis_server.url, FakeClock(), on_store_failure="fail_open")
     first = await quota.reserve("k5", 3e12, LIMIT, 3600)
     await quota.settle(first, 2.5e12)  # the counter reads 2.5e12, and the quota has seen it
     _pause(redis_server)
