@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     offline_bank.add_parser(sub)
     offline_evaluate.add_parser(sub)
+    from .offline import train_difficulty
+
+    train_difficulty.add_parser(sub)
     return parser
 
 

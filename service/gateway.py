@@ -21,7 +21,7 @@ from .serving.response_cache import ResponseCache
 from .strategies.base import Reward
 from .workers.policy import PolicyClient
 from .workers.pool import WorkerPool
-from .workers.reward import CachedStepScorer, MeteredPRM, PRMClient
+from .workers.reward import CachedStepScorer, MeteredPromptEncoder, MeteredPRM, PRMClient
 from .workers.step_prm import StepTagFormat, StepTagPRMClient
 from .workers.supervisor import (BUNDLED_TOOL_TEMPLATE, ManagedWorker, Supervisor, WorkerSpec, step_pooling_args,
                                  tool_calling_args)
@@ -130,6 +130,10 @@ class Gateway:
         parser = ("hermes" if bundled else "") if p.tool_call_parser == "auto" else p.tool_call_parser
         template = p.chat_template or (str(BUNDLED_TOOL_TEMPLATE) if bundled else "")
         return tool_calling_args(parser, template, p.tool_strict_level)
+
+    def prompt_encoder(self, meter: Meter) -> MeteredPromptEncoder | None:
+        """The zero-decode difficulty estimator's encoder (the learned PRM's worker), metered into `meter`."""
+        return MeteredPromptEncoder(self.prm, meter) if isinstance(self.prm, PRMClient) else None
 
     def reward_for(self, meter: Meter, tenant: str) -> Reward:
         """The configured step verifier, metered into this request's meter ("a*b": step scores multiplied)."""

@@ -3,8 +3,11 @@ replay evaluates, so that N = 16 still has sampling variance) from the real poli
 scored by every reward backend in the same pass, with tokens and FLOPs per sample and per role.
 
 Storage: JSONL.gz, one gzip member per line. The first line is the header (policy model, PRM-head sha256, sampling
-settings); then one line per problem. Appending a member per problem makes the bank resumable (a rerun skips the
-problems already in it) and a kill loses at most the problem in flight (a cut-off last member is ignored on read).
+settings, the dataset mix); then one line per problem. Appending a member per problem makes the bank resumable (a
+rerun skips the problems already in it) and a kill loses at most the problem in flight (a cut-off last member is
+ignored on read). A problem line holds no dataset text (no question, no gold answer): only ids, per-sample answers,
+correctness, scores, tokens and FLOPs. So the bank can live in the repository (benchmarks/results/) and grow across
+sessions, while the questions are joined back from the datasets named in the header when a reader needs them.
 
 Cost accounting is calibrate's (service/offline/calibrate.py docstring): the few-shot prefix is prefilled once by an unmetered
 warm-up, each problem is charged the prefill of its question tokens (`question_charge`), each sample its decode
@@ -30,7 +33,7 @@ STORED_BACKENDS = ("arith", "prm")
 BACKENDS = ("arith", "prm", "prm*arith")
 N_BANK = 32
 # Header fields that must match for a bank to be extended or trusted: the samples depend on all of them.
-IDENTITY = ("models", "n_bank", "max_tokens", "temperature", "step_delimiter")
+IDENTITY = ("models", "n_bank", "max_tokens", "temperature", "step_delimiter", "datasets", "seed")
 
 
 class StaleBank(SystemExit):
@@ -62,8 +65,62 @@ def _lines(path: Path) -> Iterator[dict[str, Any]]:
         return
 
 
-def read_bank(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(header, problems); a problem id appearing twice keeps its last line."""
+HOLDOUT_SHARE = 0.3
+
+
+def is_held_out(problem_id: str, share: float = HOLDOUT_SHARE) -> bool:
+    """The stable split every fit respects (policy table, difficulty head): a hash of the id, so a problem stays on
+    its side as the bank grows, and nothing fitted today has seen a problem that is held out tomorrow."""
+    import hashlib
+
+    h = int.from_bytes(hashlib.sha256(f"holdout:{problem_id}".encode()).digest()[:8], "big")
+    return h / 2**64 < share
+
+
+# Dataset text a problem line must not carry (the bank is committed; the datasets are not).
+DATASET_FIELDS = ("question", "gold")
+
+
+def strip_dataset_text(rec: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in rec.items() if k not in DATASET_FIELDS}
+
+
+def _dataset_path(spec: str, base: Path) -> str:
+    """A header's dataset spec, resolved against the working directory first, then against the bank's folder's
+    ancestors (a bank in benchmarks/results/ names ../shared/datasets/... relative to the repository)."""
+    path, sep, weight = spec.rpartition(":") if spec.rsplit(":", 1)[-1].isdigit() else (spec, "", "")
+    if Path(path).is_file():
+        return spec
+    for parent in [base, *base.parents]:
+        if (parent / path).is_file():
+            return str(parent / path) + (sep + weight if sep else "")
+    return spec
+
+
+def attach_questions(path: Path, header: dict[str, Any], problems: list[dict[str, Any]]) -> int:
+    """Join each problem's question (and gold answer) from the header's datasets; returns how many were found."""
+    from .calibrate import load_pool
+
+    specs = [_dataset_path(s, path.resolve().parent) for s in header.get("datasets") or []]
+    try:
+        rows = {r["id"]: r for r in load_pool(specs, header.get("seed", 20261123))} if specs else {}
+    except (OSError, ValueError):  # datasets not on this machine: replay still works, the prompt model does not
+        rows = {}
+    found = 0
+    for p in problems:
+        row = rows.get(str(p["id"]))
+        if row is not None:
+            p.setdefault("question", row["question"])
+            p.setdefault("gold", str(row["answer"]))
+            found += 1
+        else:
+            p.setdefault("question", "")
+    return found
+
+
+def read_bank(path: str | Path, questions: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(header, problems); a problem id appearing twice keeps its last line. With `questions`, each problem gets its
+    question joined from the datasets (empty when they are not found)."""
     p = Path(path)
     if not p.is_file():
         raise SystemExit(f"no sample bank at {p}: run `ttc-gateway bank --dataset ... --out {p}` first")
@@ -77,7 +134,10 @@ def read_bank(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     problems: dict[str, dict[str, Any]] = {}
     for rec in it:
         problems[str(rec["id"])] = rec
-    return header, list(problems.values())
+    out = list(problems.values())
+    if questions and any("question" not in rec for rec in out):
+        attach_questions(p, header, out)
+    return header, out
 
 
 def check_identity(path: Path, found: dict[str, Any], expected: dict[str, Any]) -> None:
@@ -142,8 +202,7 @@ class BankRunner:
                             "reward_flops": meter.reward.flops * c.token_count / total_tokens,
                             "scores": {"arith": [round(x, 4) for x in a], "prm": [round(x, 4) for x in p]}})
         self.tokens += sum(c.token_count for c in out)
-        return {"id": str(row["id"]), "source": row.get("source"), "level": row.get("level"), "gold": gold,
-                "question": row["question"], "prompt_tokens": plen, "shared_tokens": shared,
+        return {"id": str(row["id"]), "source": row.get("source"), "level": row.get("level"), "prompt_tokens": plen, "shared_tokens": shared,
                 "question_charge": shape.forward_flops(plen - shared, shared),
                 "policy": {"flops": meter.policy.flops, "completion_tokens": meter.policy.completion_tokens,
                            "prompt_tokens": meter.policy.prompt_tokens},
@@ -178,7 +237,7 @@ def prepare_bank(path: Path, header: dict[str, Any]) -> set[str]:
         path.parent.mkdir(parents=True, exist_ok=True)
         _append_line(path, header)
         return set()
-    found, problems = read_bank(path)
+    found, problems = read_bank(path, questions=False)
     check_identity(path, found, header)
     return {p["id"] for p in problems}
 

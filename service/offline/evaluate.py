@@ -5,8 +5,10 @@
 2. Snell's compute-optimal policy by oracle difficulty (pass@1 bins) and by predicted difficulty (bins of the mean
    verifier score of the bank's samples; its cost is not counted, as in Snell et al.), each 2-fold cross-validated
    inside its bins, with its efficiency ratio over best-of-N weighted and predicted / oracle.
-3. The evidence table (offline.policy.evidence_table), fitted on a seeded share of the problems and evaluated on the
-   rest (held out), written in the router's table format.
+3. The evidence table (offline.policy.evidence_table), fitted on the problems outside the stable held-out split
+   (bank.is_held_out, a hash of the id) and evaluated on the held-out ones, written in the router's table format.
+   With a zero-decode difficulty head (`--difficulty-head`, from `ttc-gateway train-difficulty`), the table's bins
+   are the head's predictions and the served `auto` is replayed with the head's one prefill paid, beside the probe.
 4. Early stopping rules: samples saved and accuracy lost against the full best-of-16 on the same orderings.
 """
 
@@ -20,11 +22,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .bank import BACKENDS, StaleBank, current_models, read_bank
+from .bank import BACKENDS, StaleBank, current_models, is_held_out, read_bank
 from .policy import compute_optimal_cv, evidence_table, quantile_bins, table_outcomes
 from .auto_replay import auto_outcomes
-from .replay import (NS, BonConfig, all_configs, bank_arrays, bootstrap_weights, ratio_with_interval,
-                     replay_orderings, with_intervals)
+from .replay import (NS, BonConfig, all_configs, bank_arrays, bootstrap_weights, params_signature,
+                     ratio_with_interval, replay_orderings, with_intervals)
 from .stopping import StoppingRule, replay_stopping
 
 BUDGETS_GEN = (1, 2, 4, 8, 16)
@@ -53,9 +55,13 @@ def _ratio(r: dict[str, Any]) -> dict[str, Any]:
 
 def evaluate(header: dict[str, Any], problems: Sequence[dict[str, Any]], backend: str = "prm*arith", r: int = 128,
              n_boot: int = 1000, seed: int = 0, holdout: float = 0.3, prior_strength: float = 4.0,
-             min_gain: float = 0.005, stopping: Sequence[StoppingRule] = ()) -> tuple[dict[str, Any], Any]:
+             min_gain: float = 0.005, hidden: dict[str, Any] | None = None,
+             stopping: Sequence[StoppingRule] = ()) -> tuple[dict[str, Any], Any]:
     """(report, the evidence table fitted on the non-held-out problems). `stopping`: early-stopping rules added to
-    the grid inside best-of-N (all_configs), so the table may choose them; their params serve the same rule."""
+    the grid inside best-of-N (all_configs), so the table may choose them; their params serve the same rule.
+
+    hidden: the zero-decode head's {"prediction": {id: value}, "encode_flops": {id: FLOPs}, "path", "version"};
+    the table is then fitted on its predictions (estimator "hidden") and its served `auto` pays the encode FLOPs."""
     from .fit import budget_flops
 
     bank = bank_arrays(problems)
@@ -96,14 +102,21 @@ def evaluate(header: dict[str, Any], problems: Sequence[dict[str, Any]], backend
     report["predicted_over_oracle"] = _fmt(rp / ro) if ro and rp else None
 
     # The evidence table: fitted on one share, evaluated on the held-out rest.
-    rng = np.random.default_rng(seed + 1)
-    perm = rng.permutation(P)
-    n_ho = int(round(P * holdout)) if P >= 4 else 0
-    ho, fit = np.sort(perm[:n_ho]), np.sort(perm[n_ho:])
+    held = np.array([is_held_out(i, holdout) for i in bank.ids])
+    ho, fit = np.flatnonzero(held), np.flatnonzero(~held)
+    n_ho = len(ho)
     cfgs = [configs[k] for k in mine]
-    table = evidence_table(acc[fit][:, mine], fl[fit][:, mine], cfgs, verifier[fit], bank.correct[fit].any(1),
+    stat = verifier
+    if hidden is not None:
+        stat = np.array([float(hidden["prediction"][i]) for i in bank.ids])
+        report["hidden_estimator"] = {"head": hidden.get("path"), "version": hidden.get("version"),
+                                      "mean_encode_flops": float(np.mean(list(hidden["encode_flops"].values())))}
+    table = evidence_table(acc[fit][:, mine], fl[fit][:, mine], cfgs, stat[fit], bank.correct[fit].any(1),
                            BUDGETS_GEN, gen, backend, prior_strength, min_gain,
-                           questions=[bank.questions[i] for i in fit])
+                           questions=[bank.questions[i] for i in fit] if all(bank.questions) else None)
+    if hidden is not None:
+        table.estimator = "hidden"
+        table.hidden_head = {"path": Path(str(hidden["path"])).name, "version": hidden["version"]}
     table.models = dict(header.get("models") or {})
     table.calibration.update({"problem_ids": [bank.ids[i] for i in fit], "held_out_ids": [bank.ids[i] for i in ho],
                               "source": "sample bank replay", "bank_created": header.get("created"),
@@ -112,14 +125,23 @@ def evaluate(header: dict[str, Any], problems: Sequence[dict[str, Any]], backend
                        "entries": [{k: e[k] for k in ("bin", "budget_generations", "params", "expected_accuracy",
                                                       "n_problems", "hopeless")} for e in table.entries]}
     if n_ho:
-        ta, tf = table_outcomes(table, acc[ho][:, mine], fl[ho][:, mine], cfgs, verifier[ho], budgets)
+        ta, tf = table_outcomes(table, acc[ho][:, mine], fl[ho][:, mine], cfgs, stat[ho], budgets)
         w_ho = bootstrap_weights(n_ho, n_boot, seed + 2)
         report["table"]["held_out_curve"] = _curve(ta, tf, w_ho)
         report["table"]["held_out_ratio"] = _ratio(ratio_with_interval(acc[ho][:, base_k], fl[ho][:, base_k], ta,
                                                                        tf, w_ho))
-        aa, af, probe_share = auto_outcomes(table, bank, configs, ok_all, cost_all, order, budgets, ho)
+        if hidden is not None:
+            # The served `auto` with the head: its bin needs one prefill (paid when it fits, as run_auto does).
+            enc = np.array([float(hidden["encode_flops"][bank.ids[i]]) for i in ho])[:, None]
+            fits = enc <= np.array(budgets)[None, :]
+            aa, af = hidden_auto_outcomes(table, acc[ho][:, mine], fl[ho][:, mine], cfgs, stat[ho], enc[:, 0],
+                                          budgets, [bank.questions[i] for i in ho])
+            probe_share = fits.astype(float)
+        else:
+            aa, af, probe_share = auto_outcomes(table, bank, configs, ok_all, cost_all, order, budgets, ho)
         report["table"]["held_out_auto_curve"] = _curve(aa, af, w_ho)
         report["table"]["held_out_auto_probe_share"] = probe_share.mean(0).round(3).tolist()
+        report["table"]["estimator"] = table.estimator
         report["table"]["held_out_auto_ratio"] = _ratio(ratio_with_interval(acc[ho][:, base_k], fl[ho][:, base_k],
                                                                             aa, af, w_ho))
 
@@ -137,6 +159,27 @@ def evaluate(header: dict[str, Any], problems: Sequence[dict[str, Any]], backend
                 "hopeless_share": _fmt(out["hopeless_share"].mean(), 3)}
     report["early_stopping"] = {"n_max": n_max, "rules": stops}
     return report, table
+
+
+def hidden_auto_outcomes(table: Any, acc: np.ndarray, flops: np.ndarray, configs: Sequence[Any], stat: np.ndarray,
+                         encode: np.ndarray, budgets: Sequence[float], questions: Sequence[str]
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """Per problem and budget, what run_auto does with estimator "hidden": when the prefill fits, the head's bin and
+    the budget that remains after it; else the prompt estimator's bin (no FLOPs) and the whole budget."""
+    from ..router.difficulty import prompt_bin
+    from .policy import bins_of
+
+    index = {params_signature(c.params): k for k, c in enumerate(configs)}
+    bins = bins_of(stat, table.cuts)
+    out_a, out_f = np.zeros((acc.shape[0], len(budgets))), np.zeros((acc.shape[0], len(budgets)))
+    for i in range(acc.shape[0]):
+        for j, g in enumerate(budgets):
+            paid = encode[i] <= g
+            b = int(bins[i]) if paid else (prompt_bin(table, questions[i]) if table.prompt_model else 3)
+            ch = table.lookup(b, g - encode[i] if paid else g)
+            k = index[params_signature(ch.params)]
+            out_a[i, j], out_f[i, j] = acc[i, k], flops[i, k] + (encode[i] if paid else 0.0)
+    return out_a, out_f
 
 
 def markdown(rep: dict[str, Any]) -> str:
@@ -163,7 +206,9 @@ def markdown(rep: dict[str, Any]) -> str:
         n_ho = rep["table"]["held_out"]
         rows.append((f"evidence table, {n_ho} held-out problems, bins known (no estimation cost)",
                      {"curve": rep["table"]["held_out_curve"], "ratio": rep["table"]["held_out_ratio"]}))
-        rows.append((f"`auto` with the evidence table, {n_ho} held-out problems, probe k=4 cost included",
+        how = ("zero-decode head's prefill cost included" if rep["table"].get("estimator") == "hidden"
+               else "probe k=4 cost included")
+        rows.append((f"`auto` with the evidence table, {n_ho} held-out problems, {how}",
                      {"curve": rep["table"]["held_out_auto_curve"], "ratio": rep["table"]["held_out_auto_ratio"]}))
     for name, pol in rows:
         r = pol["ratio"]
@@ -192,10 +237,82 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--holdout", type=float, default=0.3, help="share of problems held out of the table fit")
     p.add_argument("--prior-strength", type=float, default=4.0, help="Beta prior strength (pseudo-problems)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--allow-stale", action="store_true", help="accept a bank from another model or PRM head")
     p.add_argument("--stopping", action="store_true",
                    help="let the table choose early stopping inside best-of-N (the Beta p>0.95 rules measured below)")
-    p.add_argument("--allow-stale", action="store_true", help="accept a bank from another model or PRM head")
+    p.add_argument("--difficulty-head", help="zero-decode head (.npz from `ttc-gateway train-difficulty`): fit the "
+                                             "table on its predictions (estimator hidden)")
+    p.add_argument("--features", help="the head's hidden-state cache (default: the bank path + .hidden.npz)")
     p.set_defaults(func=main)
+
+
+def plot_replay(rep: dict[str, Any], path: Path) -> bool:
+    """Accuracy vs mean FLOPs with 95% bands: best-of-N (majority, weighted) over N, and the routed policies over
+    budgets. False when matplotlib is missing (the `bench` extra)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    b = rep["backend"]
+    series: list[tuple[str, list[dict[str, Any]], dict[str, Any]]] = []
+    for name, key in (("best-of-N majority", "best_of_n:n={n},selection=majority"),
+                      (f"best-of-N weighted ({b})", f"best_of_n[{b}]:aggregation=last,n={{n}},selection=weighted")):
+        pts = [rep["configs"][key.format(n=n)] for n in NS if key.format(n=n) in rep["configs"]]
+        series.append((name, pts, dict(lw=1.2, marker="o", ms=3)))
+    series += [("oracle bins (CV)", rep["policies"]["oracle"]["curve"], dict(lw=1.0, ls="--")),
+               ("predicted bins (CV, cost free)", rep["policies"]["predicted"]["curve"], dict(lw=1.0, ls=":"))]
+    t = rep.get("table", {})
+    if "held_out_auto_curve" in t:
+        series.append((f"auto, {t['held_out']} held out, estimation paid ({t.get('estimator', 'probe')})",
+                       t["held_out_auto_curve"], dict(lw=2.5, marker="s")))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, pts, style in series:
+        x = [q["flops"]["mean"] for q in pts]
+        ax.plot(x, [100 * q["accuracy"]["mean"] for q in pts], label=name, **style)
+        ax.fill_between(x, [100 * q["accuracy"]["lo"] for q in pts], [100 * q["accuracy"]["hi"] for q in pts],
+                        alpha=0.12)
+    ax.set_xscale("log")
+    ax.set_xlabel("mean FLOPs per problem")
+    ax.set_ylabel("accuracy % (95% bootstrap band)")
+    ax.set_title(f"sample-bank replay: {rep['problems']} problems x {rep['samples_per_problem']} samples")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def hidden_inputs(args: argparse.Namespace, problems: Sequence[dict[str, Any]], settings: Any) -> dict[str, Any]:
+    """The head's prediction and encode FLOPs per bank problem, from the features train-difficulty cached."""
+    from ..gateway import load_shape, reward_model
+    from ..models.prm_head import PRMTokenizer
+    from ..router.hidden_difficulty import HiddenDifficultyHead
+    from .train_difficulty import load_features
+
+    from ..config import Settings
+
+    settings = settings or Settings()
+    head = HiddenDifficultyHead.load(args.difficulty_head)
+    feats = load_features(Path(args.features or f"{args.bank}.hidden.npz"))
+    missing = [p["id"] for p in problems if p["id"] not in feats]
+    if missing:
+        raise SystemExit(f"{len(missing)} bank problems have no cached hidden states (e.g. {missing[0]}): run "
+                         f"`ttc-gateway train-difficulty --bank {args.bank} ...` first")
+    if not Path(reward_model(settings)).is_dir():
+        raise SystemExit(f"reward model folder {reward_model(settings)} missing: run `ttc-gateway prepare-models` "
+                         f"(or set TTC_MODELS_DIR to where it was prepared)")
+    shape = load_shape(reward_model(settings), settings.reward.config_path)
+    tok = PRMTokenizer.from_model_dir(reward_model(settings)).tokenizer
+    return {"path": args.difficulty_head, "version": head.version,
+            "prediction": {p["id"]: float(head.predict_features(feats[p["id"]].astype(np.float64))[0])
+                           for p in problems},
+            "encode_flops": {p["id"]: shape.encode_flops(len(tok.encode(p["question"].strip(),
+                                                                        add_special_tokens=False)))
+                             for p in problems}}
 
 
 def main(settings: Any, args: argparse.Namespace) -> int:
@@ -207,16 +324,19 @@ def main(settings: Any, args: argparse.Namespace) -> int:
         raise StaleBank(f"stale sample bank {args.bank}: drawn with {header.get('models')}, the gateway now has "
                         f"{now}; redraw it with `ttc-gateway bank` (or pass --allow-stale)")
     t0 = time.monotonic()
+    hidden = hidden_inputs(args, problems, settings) if args.difficulty_head else None
     rep, table = evaluate(header, problems, args.reward, args.orderings, args.bootstrap, args.seed, args.holdout,
-                          args.prior_strength, stopping=RULES[:2] if args.stopping else ())
+                          args.prior_strength, hidden=hidden, stopping=RULES[:2] if args.stopping else ())
     rep["run_seconds"] = round(time.monotonic() - t0, 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "replay.json").write_text(json.dumps(rep, indent=1, default=float) + "\n")
     (out / "replay.md").write_text(markdown(rep))
+    plotted = plot_replay(rep, out / "replay.png")
     if args.table_out:
         table.save(args.table_out)
     print(markdown(rep))
-    print(f"wrote {out / 'replay.json'}, {out / 'replay.md'}" + (f", {args.table_out}" if args.table_out else "")
+    print(f"wrote {out / 'replay.json'}, {out / 'replay.md'}" + (f", {out / 'replay.png'}" if plotted else "")
+          + (f", {args.table_out}" if args.table_out else "")
           + f" in {rep['run_seconds']} s")
     return 0

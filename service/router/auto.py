@@ -22,15 +22,18 @@ class AutoStrategy:
     name = "auto"
     requires_reward = True
 
-    def __init__(self, table: PolicyTable, max_n: int, on_choice: Callable[[dict[str, Any]], None]):
+    def __init__(self, table: PolicyTable, max_n: int, on_choice: Callable[[dict[str, Any]], None],
+                 encoder: Any = None):
         self.table = table
+        self.encoder = encoder  # router.hidden_difficulty.PromptEncoder, for a table with estimator "hidden"
         self.max_n = max_n
         self.params = AutoParams()
         self.on_choice = on_choice
 
     async def run(self, problem: Problem, policy: Policy, reward: Reward | None, budget: ComputeBudget,
                   progress: ProgressCallback | None = None) -> StrategyResult:
-        result, info = await run_auto(problem, policy, reward, self.table, budget, self.max_n, progress)
+        result, info = await run_auto(problem, policy, reward, self.table, budget, self.max_n, progress,
+                                      self.encoder)
         self.on_choice(info)
         result.details = dict(result.details or {}, auto=info)
         return result

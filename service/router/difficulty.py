@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from ..strategies.params import DEFAULT_STEP_DELIMITER
 from ..strategies.steps import split_steps
 from ..strategies.voting import aggregate_scores
 from .table import PolicyTable
+
+log = logging.getLogger("ttc.router")
 
 
 # ---- (a) the probe ---------------------------------------------------------------------------------------------
@@ -152,12 +155,34 @@ def prompt_bin(table: PolicyTable, question: str) -> int:
 
 # ---- the whole router, for the serving layer ---------------------------------------------------------------------
 
+async def hidden_bin(table: PolicyTable, question: str, encoder: Any,
+                     budget: ComputeBudget) -> tuple[int, float, float] | None:
+    """(bin, statistic, FLOPs) from the zero-decode head, or None when it cannot run (no head, no encoder, an empty
+    question, or its one prefill does not fit the budget): the caller falls back to the prompt estimator."""
+    from .hidden_difficulty import load_head
+
+    if not table.hidden_head or encoder is None or not question.strip():
+        return None
+    cost = encoder.estimate_flops(question)
+    if not budget.allows(cost):
+        return None
+    head = load_head(table.hidden_head["path"], table.hidden_head.get("version"))
+    before = budget.spent
+    try:
+        stat = head.predict(await encoder.encode(question))
+    except Exception:  # a failing reward worker degrades the estimate to the prompt model, not the request
+        log.warning("hidden-state difficulty failed; using the prompt estimator", exc_info=True)
+        return None
+    return table.bin_of(stat), stat, budget.spent - before
+
+
 async def run_auto(problem: Problem, policy: Policy, reward: Reward | None, table: PolicyTable,
                    budget: ComputeBudget, max_n: int | None = None,
-                   progress: Any = None) -> tuple[StrategyResult, dict[str, Any]]:
-    """`auto`: estimate difficulty (table.estimator; the probe only when a reward exists and it fits the budget,
-    else the prompt estimator), look up the strategy for what remains of the budget, run it (best-of-N reuses the
-    probe samples). Returns the result and a description for `ttc` (bin, estimator, choice, probe FLOPs)."""
+                   progress: Any = None, encoder: Any = None) -> tuple[StrategyResult, dict[str, Any]]:
+    """`auto`: estimate difficulty (table.estimator: the probe only when a reward exists and it fits the budget;
+    the zero-decode hidden-state head when the reward worker can encode and its prefill fits; else the prompt
+    estimator), look up the strategy for what remains of the budget, run it (best-of-N reuses the probe samples).
+    Returns the result and a description for `ttc` (bin, estimator, choice, estimation FLOPs)."""
     from ..strategies import build_strategy
 
     limit = budget.limit_flops
@@ -166,7 +191,11 @@ async def run_auto(problem: Problem, policy: Policy, reward: Reward | None, tabl
     k = int(table.probe.get("k", 4))
     sampling = SamplingParams(max_tokens=problem.max_tokens, temperature=float(table.probe.get("temperature", 0.8)))
     probe_cost = policy.estimate_flops([problem.prompt], sampling, k)
-    if table.estimator == "probe" and reward is not None and budget.allows(probe_cost):
+    hidden = await hidden_bin(table, problem.question, encoder, budget) if table.estimator == "hidden" else None
+    if hidden is not None:
+        bin_ = hidden[0]
+        info.update(estimator="hidden", statistic=hidden[1], probe_flops=hidden[2])
+    elif table.estimator == "probe" and reward is not None and budget.allows(probe_cost):
         probe = await probe_difficulty(problem, policy, reward, table, budget)
         bin_ = probe.bin
         info.update(estimator="probe", statistic=probe.statistic, probe_flops=probe.flops)

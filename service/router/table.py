@@ -3,11 +3,12 @@
 JSON, versioned:
 
     {"format_version": 1, "created": "...", "models": {"policy": ..., "reward_head": ...},
-     "reward_backend": "prm*arith", "estimator": "probe" | "prompt",
+     "reward_backend": "prm*arith", "estimator": "probe" | "prompt" | "hidden",
      "probe": {"k": 4, "temperature": 0.8, "max_tokens": 96},
      "generation_flops": {...}, "budgets": [{"generations": 1, "flops": ...}, ...],
      "bins": {"statistic": "probe_mean_last_score", "cuts": [c1, c2, c3, c4]},
      "prompt_model": {...},                      # the no-decoding estimator (difficulty.PromptDifficultyModel)
+     "hidden_head": {"path": "difficulty_head_smollm2.npz", "version": "..."},  # estimator "hidden": one prefill
      "entries": [{"bin", "budget_generations", "budget_flops", "strategy", "params", "expected_accuracy",
                   "mean_flops", "n_problems"}, ...],
      "calibration": {"problem_ids": [...], ...}}
@@ -49,6 +50,8 @@ class PolicyTable:
     models: dict[str, Any] = field(default_factory=dict)
     probe: dict[str, Any] = field(default_factory=lambda: {"k": 4, "temperature": 0.8, "max_tokens": 96})
     prompt_model: dict[str, Any] | None = None
+    # estimator "hidden": the zero-decode head (router.hidden_difficulty), a path relative to the table's folder.
+    hidden_head: dict[str, Any] | None = None
     generation_flops: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
@@ -88,6 +91,7 @@ class PolicyTable:
             "budgets": self.budgets,
             "bins": {"statistic": "probe_mean_last_score", "cuts": self.cuts},
             "prompt_model": self.prompt_model,
+            **({"hidden_head": self.hidden_head} if self.hidden_head else {}),
             "entries": self.entries,
             "calibration": self.calibration,
         }
@@ -103,7 +107,8 @@ class PolicyTable:
         return cls(cuts=cuts, entries=list(d["entries"]), budgets=list(d.get("budgets", [])),
                    reward_backend=d.get("reward_backend", "prm*arith"), estimator=d.get("estimator", "probe"),
                    models=dict(d.get("models", {})), probe=dict(d.get("probe", {})),
-                   prompt_model=d.get("prompt_model"), generation_flops=dict(d.get("generation_flops", {})),
+                   prompt_model=d.get("prompt_model"), hidden_head=d.get("hidden_head"),
+                   generation_flops=dict(d.get("generation_flops", {})),
                    calibration=dict(d.get("calibration", {})), created=d.get("created", ""), format_version=version)
 
     def save(self, path: str | Path) -> None:
@@ -115,7 +120,10 @@ class PolicyTable:
 
 
 def load(path: str | Path) -> PolicyTable:
-    return PolicyTable.from_dict(json.loads(Path(path).read_text()))
+    table = PolicyTable.from_dict(json.loads(Path(path).read_text()))
+    if table.hidden_head and not Path(table.hidden_head["path"]).is_absolute():
+        table.hidden_head = dict(table.hidden_head, path=str(Path(path).parent / table.hidden_head["path"]))
+    return table
 
 
 def save(table: PolicyTable, path: str | Path) -> None:

@@ -179,7 +179,7 @@ async def _serve(gw: Gateway, ctx: RequestContext, req: Request, opts: TTCOption
                 if ctx.difficulty is not None:
                     gw.metrics.difficulty(ctx.difficulty)
 
-            strategy = AutoStrategy(gw.policy_table, max_n, chosen)
+            strategy = AutoStrategy(gw.policy_table, max_n, chosen, gw.prompt_encoder(ctx.meter))
         else:
             strategy = make_strategy(opts, max_n)
         ctx.strategy = strategy.name

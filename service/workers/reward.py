@@ -178,6 +178,20 @@ class PRMClient(CachedStepScorer):
         return sum(self.shape.encode_flops(len(self.layout(question, steps).token_ids)) for steps in candidates
                    if steps)
 
+    def question_ids(self, question: str) -> list[int]:
+        """The bare question's tokens (no system prompt, no template): what the zero-decode difficulty head reads."""
+        return list(self.tokenizer.tokenizer.encode(question.strip(), add_special_tokens=False))[:self.max_model_len]
+
+    async def encode_question(self, question: str, meter: Meter | None = None) -> np.ndarray:
+        """Final-layer hidden states of the bare question (tokens x d), one /pooling call, metered as reward."""
+        ids = self.question_ids(question)
+        if not ids:
+            raise ValueError("an empty question has no hidden states")
+        hidden, usage = await self.pool_hidden([ids])
+        if meter is not None:
+            self._meter_lengths(meter, usage, [len(ids)])
+        return hidden[0]
+
     async def _score_uncached(self, question: str, candidates: Sequence[Sequence[str]],
                               meter: Meter | None) -> list[list[float]]:
         layouts = [self.layout(question, steps) for steps in candidates]
@@ -201,3 +215,17 @@ class MeteredPRM:
 
     def estimate_flops(self, question: str, candidates: Sequence[Sequence[str]]) -> float:
         return self.client.estimate_flops(question, candidates)
+
+
+class MeteredPromptEncoder:
+    """Implements router.hidden_difficulty.PromptEncoder for one request over the learned PRM's worker."""
+
+    def __init__(self, client: PRMClient, meter: Meter):
+        self.client = client
+        self.meter = meter
+
+    async def encode(self, question: str) -> np.ndarray:
+        return await self.client.encode_question(question, self.meter)
+
+    def estimate_flops(self, question: str) -> float:
+        return self.client.shape.encode_flops(len(self.client.question_ids(question)))

@@ -1,0 +1,106 @@
+"""The zero-decode difficulty head: fitting, persistence and versioning, and `auto` with estimator "hidden" (its one
+prefill metered and within the budget, the prompt estimator when it cannot run)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from service.router.hidden_difficulty import HiddenDifficultyHead, load_head, pooled_features
+from service.router.table import PolicyTable, load
+from tests.unit.fakes import BASE_PROMPT, FakePolicy, FakeReward, FlopMeter, round_robin
+
+
+def _data(n: int = 60, d: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d))
+    return X, X[:, 0] * 0.5 - X[:, 3] * 0.25 + 0.1
+
+
+def test_ridge_head_recovers_a_linear_label_and_round_trips(tmp_path):
+    X, y = _data()
+    head = HiddenDifficultyHead.fit(X, y, ridge=1e-3, metadata={"label": "verifier"})
+    assert np.allclose(head.predict_features(X), y, atol=1e-3)
+    head.save(tmp_path / "h.npz")
+    back = HiddenDifficultyHead.load(tmp_path / "h.npz")
+    assert back.version == head.version and back.metadata["label"] == "verifier"
+    assert np.allclose(back.predict_features(X), head.predict_features(X), atol=1e-4)  # float32 on disk
+
+
+def test_pooled_features_are_mean_then_last_token():
+    h = np.array([[1.0, 2.0], [3.0, 6.0]])
+    assert pooled_features(h).tolist() == [2.0, 4.0, 3.0, 6.0]
+    with pytest.raises(ValueError):
+        pooled_features(np.zeros((0, 2)))
+
+
+def test_a_table_refuses_a_head_of_another_version(tmp_path):
+    X, y = _data(d=4)
+    HiddenDifficultyHead.fit(X, y, ridge=1.0).save(tmp_path / "h.npz")
+    with pytest.raises(ValueError, match="refit the table"):
+        load_head(tmp_path / "h.npz", version="0" * 16)
+
+
+class FakeEncoder:
+    """Hidden states whose mean is `value` in every dimension; each call charges `flops` to the meter."""
+
+    def __init__(self, meter: FlopMeter, value: float, flops: float = 5.0, fail: bool = False):
+        self.meter, self.value, self.flops, self.fail, self.calls = meter, value, flops, fail, 0
+
+    async def encode(self, question: str) -> np.ndarray:
+        self.calls += 1
+        if self.fail:
+            raise RuntimeError("reward worker down")
+        self.meter.total += self.flops
+        return np.full((3, 2), self.value)
+
+    def estimate_flops(self, question: str) -> float:
+        return self.flops
+
+
+def _hidden_table(tmp_path) -> PolicyTable:
+    # The head predicts the first feature (the mean state): a large value is easy (bin 1), a small one hard (bin 5).
+    X = np.random.default_rng(1).normal(size=(40, 4))
+    head = HiddenDifficultyHead.fit(X, X[:, 0], ridge=1e-6)
+    head.save(tmp_path / "head.npz")
+    entries = [{"bin": b, "budget_generations": 1, "budget_flops": 10.0, "strategy": "best_of_n",
+                "params": {"n": 1 if b == 5 else 3, "selection": "majority"}, "expected_accuracy": 0.5,
+                "mean_flops": 3.0, "n_problems": 5} for b in range(1, 6)]
+    table = PolicyTable(cuts=[-1.0, -0.5, 0.5, 1.0], entries=entries, estimator="hidden",
+                        hidden_head={"path": "head.npz", "version": head.version})
+    table.save(tmp_path / "table.json")
+    return load(tmp_path / "table.json")  # the head's path resolves against the table's folder
+
+
+def _run(table: PolicyTable, encoder, limit: float | None):
+    from service.router.difficulty import run_auto
+    from service.strategies.base import Problem
+
+    meter = encoder.meter
+    policy = FakePolicy(round_robin(["2 + 2 = 4\nThe answer is 4."]), meter)
+    problem = Problem(prompt=BASE_PROMPT, question="What is 2 + 2?", max_tokens=40)
+    return asyncio.run(run_auto(problem, policy, FakeReward(meter=meter), table, meter.budget(limit),
+                                encoder=encoder)), meter
+
+
+def test_auto_bins_by_the_head_and_pays_its_prefill(tmp_path):
+    table = _hidden_table(tmp_path)
+    enc = FakeEncoder(FlopMeter(), value=3.0)
+    (result, info), meter = _run(table, enc, limit=None)
+    assert info["estimator"] == "hidden" and info["bin"] == 1 and info["params"]["n"] == 3
+    assert info["probe_flops"] == 5.0 and enc.calls == 1 and meter.total >= 5.0
+    enc = FakeEncoder(FlopMeter(), value=-3.0)
+    (_, info), _ = _run(table, enc, limit=None)
+    assert info["bin"] == 5 and info["params"]["n"] == 1
+
+
+def test_auto_never_encodes_beyond_the_budget_and_degrades_when_the_worker_fails(tmp_path):
+    table = _hidden_table(tmp_path)
+    enc = FakeEncoder(FlopMeter(), value=3.0, flops=50.0)
+    (_, info), meter = _run(table, enc, limit=20.0)
+    assert enc.calls == 0 and info["estimator"] == "prompt" and meter.total <= 20.0
+    enc = FakeEncoder(FlopMeter(), value=3.0, fail=True)
+    (result, info), _ = _run(table, enc, limit=None)
+    assert enc.calls == 1 and info["estimator"] == "prompt" and result.text  # the request still answers
