@@ -25,8 +25,8 @@ import numpy as np
 from .bank import BACKENDS, StaleBank, current_models, is_held_out, read_bank
 from .policy import compute_optimal_cv, evidence_table, quantile_bins, table_outcomes
 from .auto_replay import auto_outcomes
-from .replay import (NS, BonConfig, all_configs, bank_arrays, bootstrap_weights, ratio_with_interval,
-                     replay_orderings, with_intervals)
+from .replay import (NS, BonConfig, all_configs, bank_arrays, bootstrap_weights, params_signature,
+                     ratio_with_interval, replay_orderings, with_intervals)
 from .stopping import StoppingRule, replay_stopping
 
 BUDGETS_GEN = (1, 2, 4, 8, 16)
@@ -286,9 +286,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--holdout", type=float, default=0.3, help="share of problems held out of the table fit")
     p.add_argument("--prior-strength", type=float, default=4.0, help="Beta prior strength (pseudo-problems)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--allow-stale", action="store_true", help="accept a bank from another model or PRM head")
     p.add_argument("--stopping", action="store_true",
                    help="let the table choose early stopping inside best-of-N (the Beta p>0.95 rules measured below)")
-    p.add_argument("--allow-stale", action="store_true", help="accept a bank from another model or PRM head")
     p.add_argument("--difficulty-head", help="zero-decode head (.npz from `ttc-gateway train-difficulty`): fit the "
                                              "table on its predictions (estimator hidden)")
     p.add_argument("--features", help="the head's hidden-state cache (default: the bank path + .hidden.npz)")

@@ -84,7 +84,9 @@ class BestOfN:
         else:
             out = await calls.generate([problem.prompt], sampling, n) if n else [[]]
         if out is None:  # the meter moved between the check and the call (another request's worker time)
-            return empty_result(calls)
+            if not old:
+                return empty_result(calls)
+            out = [[]]  # the prior samples still vote
         new = [Candidate.of(c.text, 1.0, c.finish_reason, c.token_count, extract) for c in out[0]]
         if p.selection == "confidence":
             return await self._confidence_vote(calls, out[0], new, n, adaptive)

@@ -77,7 +77,35 @@ def test_streaming_search_sends_keepalive_or_content_then_done(base_url, model_n
     assert usage["choices"] == [] and usage["usage"]["flops"] > 0 and usage["ttc"]["strategy"] == "beam_search"
 
 
+def test_best_of_n_early_stopping_through_api(base_url, model_name):
+    """Rounds of 2 samples, the Beta rule and the hopeless stop: within the budget, JSON and streamed alike."""
+    import json
+
+    budget = 3.0e11
+    ttc = {"strategy": "best_of_n", "n": 6, "stopping": "beta", "stop_threshold": 0.8, "hopeless_k": 2,
+           "round_size": 2}
+    body = {"model": model_name, "messages": MESSAGES, "max_tokens": 32, "seed": 5, "ttc": ttc}
+    headers = {"X-TTC-Budget-FLOPs": f"{budget}"}
+    r = httpx.post(base_url + "/v1/chat/completions", json=body, headers=headers, timeout=300)
+    assert r.status_code == 200, r.text
+    out = r.json()["ttc"]
+    es = out["details"]["early_stopping"]
+    assert es["stopped"] in ("settled", "hopeless", "n", "budget") and 1 <= es["rounds"] <= 3
+    assert out["samples"] == es["samples"] == 2 * es["rounds"] or es["stopped"] == "budget"
+    assert out["flops"]["total"] <= budget and out["params"]["stopping"] == "beta"
+    with httpx.stream("POST", base_url + "/v1/chat/completions", headers=headers, timeout=300,
+                      json=dict(body, seed=6, stream=True, stream_options={"include_usage": True})) as s:
+        assert s.status_code == 200
+        lines = [line for line in s.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    usage = chunks[-1]
+    assert usage["usage"]["flops"] <= budget and "early_stopping" in usage["ttc"]["details"]
+
+
 @pytest.mark.parametrize("ttc,param", [
+    ({"strategy": "best_of_n", "selection": "majority", "hopeless_k": 4}, "ttc.hopeless_k"),
     ({"strategy": "beam_search", "n": 4, "beam_width": 8}, "ttc.beam_width"),
     ({"strategy": "best_of_n", "n": 0}, "ttc.n"),
     ({"strategy": "best_of_n", "selection": "loudest"}, "ttc.selection"),

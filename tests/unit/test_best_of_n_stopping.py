@@ -252,3 +252,15 @@ async def test_a_round_whose_scoring_does_not_fit_stays_out_of_a_verifier_vote()
     assert es["samples"] == 4 and es["rounds"] == 2 and es["stopped"] == "budget" and len(reward.calls) == 1
     assert result.details["candidates"] == 2 and result.details["selection_used"] == "weighted"
     assert result.answer == "1" and result.budget_exhausted and meter.total <= limit
+
+
+@pytest.mark.parametrize("params", [{"n": 8}, {"n": 8, "stopping": "beta"}])
+async def test_prior_samples_vote_when_the_budget_allows_nothing_new(params):
+    meter = FlopMeter()
+    policy = FakePolicy(round_robin([answer("4", "good"), answer("5", "bad")]), meter)
+    prior = Prior((await policy.generate([BASE_PROMPT], SamplingParams(40), 2))[0], [[0.9, 0.9], [0.9, 0.1]])
+    policy.calls.clear()
+    result = await build_strategy("best_of_n", params).run(PROBLEM, policy, FakeReward(), meter.budget(meter.total),
+                                                            prior=prior)
+    assert policy.calls == [] and result.answer == "4" and result.budget_exhausted
+    assert result.details["candidates"] == 2 and result.details["prior_samples"] == 2
