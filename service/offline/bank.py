@@ -242,24 +242,6 @@ def prepare_bank(path: Path, header: dict[str, Any]) -> set[str]:
     return {p["id"] for p in problems}
 
 
-def check_prepared(settings: Any) -> None:
-    """One clear line for each missing step before any worker starts."""
-    from ..gateway import DEFAULT_PRM_HEAD, policy_model, reward_model
-
-    uses_prm = "prm" in settings.reward_backend
-    head = Path(settings.prm_head_path or DEFAULT_PRM_HEAD)
-    if uses_prm and settings.reward.format == "head" and not head.is_file():
-        raise SystemExit(f"PRM head {head} missing: train it with `ttc-gateway train-prm` or set TTC_PRM_HEAD_PATH")
-    roles = [("policy", policy_model(settings))] + ([("reward", reward_model(settings))] if uses_prm else [])
-    for role, model in roles:
-        pool = getattr(settings, role)
-        # An embedded bundled policy is prepared on start (calibrate.with_gateway); remote workers are not, and the
-        # gateway still reads the folder for the tokenizer and the FLOPs shape.
-        if not pool.model and not Path(model).is_dir() and not pool.embedded:
-            raise SystemExit(f"{role} model folder {model} missing: run `ttc-gateway prepare-models` "
-                             f"(or set TTC_MODELS_DIR to where it was prepared)")
-
-
 def add_parser(sub: Any) -> None:
     from .calibrate import add_worker_args
     from .fit import MAX_TOKENS, TEMPERATURE
@@ -284,6 +266,8 @@ def main(settings: Any, args: argparse.Namespace) -> int:
         if not Path(path).is_file():
             raise SystemExit(f"dataset {path} not found")
     gws = gateway_settings("prm*arith", args.policy_port, args.reward_port, args.policy_url, args.reward_url)
+    from .calibrate import check_prepared
+
     check_prepared(gws)
     header = {"format": BANK_FORMAT, "format_version": BANK_VERSION, "models": current_models(gws),
               "n_bank": args.n_bank, "max_tokens": args.max_tokens, "temperature": args.temperature,

@@ -301,10 +301,27 @@ def gateway_settings(reward_backend: str, policy_port: int, reward_port: int, po
     return Settings(policy=policy, reward=reward, reward_backend=reward_backend)
 
 
+def check_prepared(settings: Any) -> None:
+    """One clear line for each missing step before any worker starts."""
+    from ..gateway import DEFAULT_PRM_HEAD, policy_model, reward_model
+
+    uses_prm = "prm" in settings.reward_backend
+    head = Path(settings.prm_head_path or DEFAULT_PRM_HEAD)
+    if uses_prm and settings.reward.format == "head" and not head.is_file():
+        raise SystemExit(f"PRM head {head} missing: train it with `ttc-gateway train-prm` or set TTC_PRM_HEAD_PATH")
+    roles = [("policy", policy_model(settings))] + ([("reward", reward_model(settings))] if uses_prm else [])
+    for role, model in roles:
+        pool = getattr(settings, role)
+        # An embedded bundled policy is prepared on start (calibrate.with_gateway); remote workers are not, and the
+        # gateway still reads the folder for the tokenizer and the FLOPs shape.
+        if not pool.model and not Path(model).is_dir() and not pool.embedded:
+            raise SystemExit(f"{role} model folder {model} missing: run `ttc-gateway prepare-models` "
+                             f"(or set TTC_MODELS_DIR to where it was prepared)")
+
+
 async def with_gateway(settings: Any, fn: Any) -> Any:
     from ..gateway import Gateway
     from .prepare_models import BUNDLED, prepare
-    from .bank import check_prepared
 
     check_prepared(settings)  # one clear line (which command to run) instead of a hub-id traceback
     if settings.policy.embedded and not settings.policy.model and settings.policy.served_name in BUNDLED:

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..strategies.stopping import StoppingRule
+from ..strategies.stopping import StoppingRule, beta_leader_probability
 from .bank import BACKENDS, step_scores
 
 AGGREGATIONS = ("last", "min", "prod", "mean")
@@ -190,7 +190,6 @@ def replay_orderings(bank: BankArrays, configs: Sequence[BonConfig], r: int = 12
             w = take(bank.scores[(c.backend, c.aggregation)])[..., :n] if c.selection != "majority" or c.stop else None
             if c.stop is not None:
                 # Samples after the stop are never drawn: out of the vote and the FLOPs.
-                from .stopping import stop_points
 
                 stops, _ = stop_points(g, w, c.stop, bank.group_correct.shape[1])
                 used = np.arange(1, n + 1) <= stops[..., None]             # [p, R, n]
@@ -274,3 +273,29 @@ def ratio_with_interval(base_acc: np.ndarray, base_flops: np.ndarray, acc: np.nd
 
 def finite(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
+
+
+def stop_points(grp: np.ndarray, score: np.ndarray, rule: StoppingRule, n_groups: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(samples used [p, R], stopped as hopeless [p, R]) for samples in draw order: grp, score [p, R, N] (answer
+    group, -1 = none; the score the served rule sees). `stop_reason` after every sample, vectorised (beta / none)."""
+    if rule.criterion not in ("beta", "none"):
+        raise ValueError("the replay is vectorised for the beta criterion (and hopeless-only) only")
+    n_max = grp.shape[-1]
+    votes = np.cumsum(grp[..., None] == np.arange(n_groups), 2)                # [p, R, N, G] counts after n
+    top2 = -np.sort(-votes, 3)[..., :2]
+    if top2.shape[-1] < 2:
+        top2 = np.concatenate([top2, np.zeros_like(top2)], -1)
+    p_lead = beta_leader_probability(top2[..., 0], top2[..., 1], rule.prior)   # [p, R, N]
+    if rule.criterion == "none":
+        p_lead = np.zeros_like(p_lead)
+    n_idx = np.arange(1, n_max + 1)
+    stop = (p_lead > rule.threshold) & (n_idx >= rule.min_samples) & (top2[..., 0] > 0)
+    hopeless = np.zeros(stop.shape[:2], bool)
+    if rule.hopeless_k and rule.hopeless_k <= n_max:
+        k = rule.hopeless_k
+        hopeless = (top2[..., k - 1, 0] <= 1) & (score[..., :k].max(2) < rule.score_threshold)
+        hopeless &= ~stop[..., :k - 1].any(2)  # settled before k: never reaches k
+        stop[..., k - 1] |= hopeless
+    stop[..., -1] = True
+    return stop.argmax(2) + 1, hopeless

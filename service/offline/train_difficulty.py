@@ -132,7 +132,7 @@ def main(settings: Any, args: argparse.Namespace) -> int:
         raise SystemExit(f"{args.bank}: {len(problems)} problems with their question; train-difficulty needs >= "
                          f"{args.min_problems} (run `ttc-gateway bank`, and keep the datasets its header names where "
                          f"it can find them)")
-    from .bank import check_prepared
+    from .calibrate import check_prepared
 
     gws = gateway_settings("prm*arith", args.policy_port, args.reward_port, args.policy_url, args.reward_url)
     check_prepared(gws)  # the tokenizer and the FLOPs shape come from the model folder even when nothing is encoded

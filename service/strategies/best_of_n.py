@@ -29,7 +29,7 @@ import random
 from dataclasses import dataclass, replace
 from typing import Sequence
 
-from service.rewards.confidence import consensus, first_stop, token_confidences, trace_confidence, warmup_threshold
+from .confidence import consensus, first_stop, token_confidences, trace_confidence, warmup_threshold
 
 from .base import Completion, ComputeBudget, Policy, Problem, ProgressCallback, Reward, SamplingParams, StrategyResult
 from .calls import BudgetedCalls, build_result, empty_result, score_candidates, start_sampling
