@@ -140,6 +140,7 @@ def evaluate(header: dict[str, Any], problems: Sequence[dict[str, Any]], backend
         else:
             aa, af, probe_share = auto_outcomes(table, bank, configs, ok_all, cost_all, order, budgets, ho)
         report["table"]["held_out_auto_curve"] = _curve(aa, af, w_ho)
+        report["table"]["held_out_best_of_n_weighted_curve"] = _curve(acc[ho][:, base_k], fl[ho][:, base_k], w_ho)
         report["table"]["held_out_auto_probe_share"] = probe_share.mean(0).round(3).tolist()
         report["table"]["estimator"] = table.estimator
         report["table"]["auto_minus_best_fixed"] = minus_best_fixed(
@@ -317,6 +318,8 @@ def plot_replay(rep: dict[str, Any], path: Path) -> bool:
     if "held_out_auto_curve" in t:
         series.append((f"auto, {t['held_out']} held out, estimation paid ({t.get('estimator', 'probe')})",
                        t["held_out_auto_curve"], dict(lw=2.5, marker="s")))
+        series.append((f"best-of-N weighted, the same {t['held_out']} held out",
+                       t["held_out_best_of_n_weighted_curve"], dict(lw=2.0, marker="^", ls="--")))
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, pts, style in series:
         x = [q["flops"]["mean"] for q in pts]
