@@ -1,14 +1,7 @@
 """DeepConf (Fu et al. 2025, arXiv 2508.15260): the policy's own confidence as a verifier that costs no FLOPs.
 
-Definitions (the paper's, on the top-k log-probabilities vLLM returns with every sampled token):
-- token confidence      C_i = -(1/k) * sum_j log P_i(j) over the k most likely tokens at position i
-  (a peaked distribution puts the k-1 runners-up far below the winner: high C; a flat one: low C);
-- group confidence      the mean C over a sliding window of `window` tokens (overlapping windows; a trace shorter than
-  one window is one group);
-- lowest group          min over the groups (the trace's weakest stretch; what online early stopping watches);
-- bottom-10% group      mean of the lowest 10% of the groups;
-- tail                  mean C over the last `tail` tokens (the final answer's stretch);
-- mean                  mean C over the whole trace.
+The confidence measures themselves (token, group, lowest group, bottom 10%, tail, mean) are defined in
+service/strategies/confidence.py, where best-of-N uses them too.
 
 As a `Reward`: the score of step j is the chosen metric over the trace's tokens up to the end of step j, squashed
 into [0, 1) by C / (C + scale) (monotone, so rankings and votes only depend on C). Tokens come from a per-request
