@@ -26,7 +26,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.offline.calibrate import gateway_settings, load_pool, with_gateway  # noqa: E402
+from service.offline.calibrate import load_pool  # noqa: E402
+from service.offline.workers import gateway_settings, with_gateway  # noqa: E402
 from service.rewards.confidence import token_confidences, trace_confidence  # noqa: E402
 
 N_DRAW = 8

@@ -151,7 +151,7 @@ def check_identity(path: Path, found: dict[str, Any], expected: dict[str, Any]) 
 
 def current_models(settings: Any = None) -> dict[str, Any]:
     """Policy model id and PRM-head hash as calibrate records them in a table's `models`."""
-    from .calibrate import model_info
+    from .workers import model_info
     from ..config import Settings
 
     return model_info(settings or Settings())
@@ -243,7 +243,7 @@ def prepare_bank(path: Path, header: dict[str, Any]) -> set[str]:
 
 
 def add_parser(sub: Any) -> None:
-    from .calibrate import add_worker_args
+    from .workers import add_worker_args
     from .fit import MAX_TOKENS, TEMPERATURE
 
     p = sub.add_parser("bank", help="draw the sample bank (N samples per problem, scored by every backend)")
@@ -259,14 +259,15 @@ def add_parser(sub: Any) -> None:
 
 
 def main(settings: Any, args: argparse.Namespace) -> int:
-    from .calibrate import gateway_settings, load_pool, with_gateway
+    from .calibrate import load_pool
+    from .workers import gateway_settings, with_gateway
 
     for spec in args.dataset:
         path = spec.rsplit(":", 1)[0] if spec.rsplit(":", 1)[-1].isdigit() else spec
         if not Path(path).is_file():
             raise SystemExit(f"dataset {path} not found")
     gws = gateway_settings("prm*arith", args.policy_port, args.reward_port, args.policy_url, args.reward_url)
-    from .calibrate import check_prepared
+    from .workers import check_prepared
 
     check_prepared(gws)
     header = {"format": BANK_FORMAT, "format_version": BANK_VERSION, "models": current_models(gws),

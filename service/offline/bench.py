@@ -17,16 +17,15 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from .workers import add_worker_args, gateway_settings
 from .calibrate import (
     LEAN_GRID,
     SEARCH_GRID,
     TINY_GRID,
-    add_worker_args,
     bon_configs,
     bon_size,
     cached_records,
     complete_ids,
-    gateway_settings,
     load_pool,
     run_grid,
 )

@@ -110,7 +110,7 @@ def save_features(path: Path, feats: dict[str, np.ndarray]) -> None:
 
 
 def add_parser(sub: Any) -> None:
-    from .calibrate import add_worker_args
+    from .workers import add_worker_args
 
     p = sub.add_parser("train-difficulty", help="fit the zero-decode difficulty head on a sample bank")
     p.add_argument("--bank", required=True, help="sample bank written by `ttc-gateway bank`")
@@ -124,7 +124,7 @@ def add_parser(sub: Any) -> None:
 
 def main(settings: Any, args: argparse.Namespace) -> int:
     from ..router.difficulty import PromptDifficultyModel
-    from .calibrate import gateway_settings, with_gateway
+    from .workers import gateway_settings, with_gateway
 
     header, problems = read_bank(args.bank)
     problems = [p for p in problems if p.get("question")]
@@ -132,7 +132,7 @@ def main(settings: Any, args: argparse.Namespace) -> int:
         raise SystemExit(f"{args.bank}: {len(problems)} problems with their question; train-difficulty needs >= "
                          f"{args.min_problems} (run `ttc-gateway bank`, and keep the datasets its header names where "
                          f"it can find them)")
-    from .calibrate import check_prepared
+    from .workers import check_prepared
 
     gws = gateway_settings("prm*arith", args.policy_port, args.reward_port, args.policy_url, args.reward_url)
     check_prepared(gws)  # the tokenizer and the FLOPs shape come from the model folder even when nothing is encoded

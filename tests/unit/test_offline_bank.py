@@ -10,7 +10,7 @@ import pytest
 from service.cli import build_parser
 from service.offline.bank import (BANK_FORMAT, BANK_VERSION, StaleBank, _append_line, prepare_bank,
                                   read_bank, step_scores)
-from service.offline.calibrate import check_prepared
+from service.offline.workers import check_prepared
 from tests.unit.offline_fakes import correct_or_distinct
 
 HEADER = {"format": BANK_FORMAT, "format_version": BANK_VERSION, "models": {"policy": "m", "reward_head": "h:1"},
