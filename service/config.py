@@ -45,6 +45,9 @@ class WorkerPoolSettings(BaseModel):
     # "auto": bfloat16 where the CPU has native bf16 (else float32, 7x faster there); vLLM's own choice on GPUs.
     dtype: str = "auto"
     kv_cache_gib: int = 2
+    # KV cache block size (vLLM --block-size). None: vLLM's default (128 on the CPU engine), under which a 20-token
+    # search step is never a full block and so never reused from the prefix cache.
+    block_size: int | None = None
     # Off for embedded CPU workers: see WorkerSpec.chunked_prefill (a vLLM-CPU seed bug).
     chunked_prefill: bool = False
     extra_args: list[str] = Field(default_factory=list)
@@ -87,6 +90,11 @@ class PolicyPoolSettings(WorkerPoolSettings):
     # (as if each tool were strict), which turned the bundled model's required/named calls from schema echoes
     # into valid arguments (measured in the README); "auto" leaves it to each tool's `strict`.
     tool_strict_level: str = "parameter"
+    # 32, not the CPU engine's 128: tree search re-sends the question and every earlier step each round, and only
+    # whole blocks are reused. Measured by benchmarks/prefix_reuse.py (README, Serving performance): prefill computed
+    # / requested 0.11-0.18 at 32 against 0.43-0.79 at 128 for beam search and REBASE, decoding no slower. The CPU
+    # attention kernel takes multiples of 32 only (16 fails at start-up).
+    block_size: int | None = 32
 
 
 class RewardPoolSettings(WorkerPoolSettings):

@@ -77,7 +77,8 @@ class Gateway:
         self.admission = Admission(settings.max_concurrency, settings.max_queue, settings.queue_timeout_s,
                                    settings.retry_after_s)
         self.policy_pool = self._build_pool("policy", settings.policy, policy_model(settings))
-        self.policy = PolicyClient(self.policy_pool, load_shape(policy_model(settings), settings.policy.config_path))
+        self.policy = PolicyClient(self.policy_pool, load_shape(policy_model(settings), settings.policy.config_path),
+                                   settings.policy.block_size)
         table_path = Path(settings.policy_table_path) if settings.policy_table_path else DEFAULT_POLICY_TABLE
         self.policy_table = load_table(table_path) if table_path.is_file() else None
         self.reward_pool: WorkerPool | None = None
@@ -120,6 +121,7 @@ class Gateway:
                 spec = WorkerSpec(role=role, model_dir=model_dir, served_name=pool_settings.served_name,
                                   port=pool_settings.port + i, max_model_len=pool_settings.max_model_len,
                                   dtype=pool_settings.dtype, kv_cache_gib=pool_settings.kv_cache_gib,
+                                  block_size=pool_settings.block_size,
                                   pooling=(role == "reward"), chunked_prefill=pool_settings.chunked_prefill,
                                   extra_args=list(pool_settings.extra_args))
                 if role == "policy":

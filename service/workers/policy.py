@@ -32,9 +32,12 @@ def _top_logprobs(lp: dict[str, Any], k: int) -> dict[str, Any]:
 
 
 class PolicyClient:
-    def __init__(self, pool: WorkerPool, shape: ModelShape):
+    def __init__(self, pool: WorkerPool, shape: ModelShape, block_size: int | None = None):
         self.pool = pool
         self.shape = shape
+        # The workers' KV block size (None: unknown). It bounds what an n > 1 request recomputes: vLLM fans it out
+        # into n engine requests, and each one after the first reuses the prompt's whole blocks only.
+        self.block_size = block_size
         # Exact prompt token counts from the worker's tokenizer (text -> tokens), shared by all requests.
         self._counts: OrderedDict[str, int] = OrderedDict()
 
@@ -110,10 +113,14 @@ class MeteredPolicy:
 
     def estimate_flops(self, prompts: Sequence[str], params: SamplingParams, n: int = 1) -> float:
         shape = self.client.shape
+        block = self.client.block_size
         total = 0.0
         for p in prompts:
             tokens = self.client.prompt_tokens_bound(p)
             total += shape.generation_flops(tokens, 0, [params.max_tokens] * n)
+            # Each of the other n - 1 samples recomputes at most the prompt's last partial block.
+            tail = tokens if block is None else min(tokens, block)
+            total += (n - 1) * shape.forward_flops(tail, tokens - tail)
         return total
 
     async def count_prompt_tokens(self, prompts: Sequence[str]) -> None:
@@ -142,6 +149,17 @@ class MeteredPolicy:
         return results
 
     async def _request(self, prompts: list[str], params: SamplingParams, n: int) -> list[list[Completion]]:
+        """One worker request per prompt, sent together (continuous batching merges them on the worker). Not one
+        request with a list of prompts: vLLM 0.32 then reports the cached tokens of the last prompt only, which made
+        the meter charge a search round's shared prefixes as if they were computed (measured: 3x the prefill the
+        worker's prefix-cache counters show for REBASE N = 16)."""
+        if len(prompts) == 1:
+            return await self._request_one(prompts[0], params, n)
+        outs = await asyncio.gather(*(self._request_one(p, params, n) for p in prompts))
+        return [out[0] for out in outs]
+
+    async def _request_one(self, prompt: str, params: SamplingParams, n: int) -> list[list[Completion]]:
+        prompts = [prompt]
         payload: dict[str, Any] = {
             "model": self.client.model, "prompt": prompts, "n": n, "max_tokens": params.max_tokens,
             "temperature": params.temperature, "top_p": params.top_p, "return_token_ids": True,
@@ -176,13 +194,22 @@ class MeteredPolicy:
 
     def _meter(self, usage: dict[str, Any], prompts: list[str], prompt_lens: list[int],
                out: list[list[Completion]]) -> None:
+        """One prompt's request. vLLM runs its n samples as n engine requests, each prefilling the prompt less its
+        cached prefix (the `cached_tokens` vLLM reports is one sample's); so prompt and cached tokens are counted
+        per sample, as the worker's own prompt_tokens_total / prefix_cache_hits_total counters count them."""
         shape = self.client.shape
-        cached_total = int(((usage.get("prompt_tokens_details") or {}).get("cached_tokens")) or 0)
-        prompt_total = sum(prompt_lens) or int(usage.get("prompt_tokens") or 0)
-        flops = 0.0
-        for plen, comps in zip(prompt_lens, out):
-            # vLLM reports cached tokens for the whole batch; share them out in proportion to prompt length.
-            cached = round(cached_total * plen / prompt_total) if prompt_total else 0
-            flops += shape.generation_flops(plen, cached, [c.token_count for c in comps])
-        completion = sum(c.token_count for comps in out for c in comps)
-        self.meter.add_policy(flops, prompt_total, cached_total, completion)
+        plen = prompt_lens[0] or int(usage.get("prompt_tokens") or 0)
+        cached = min(plen, int(((usage.get("prompt_tokens_details") or {}).get("cached_tokens")) or 0))
+        # The samples after the first find at least the prompt's whole blocks cached (they are cached as the first
+        # sample is scheduled, vLLM never reuses the last prompt token); this also keeps the charge within
+        # estimate_flops' bound.
+        block = self.client.block_size
+        child_cached = max(cached, (plen - 1) // block * block) if block and plen else cached
+        comps = out[0]
+        flops, cached_total = 0.0, 0
+        for k, c in enumerate(comps):
+            hit = cached if k == 0 else child_cached
+            flops += shape.generation_flops(plen, hit, [c.token_count])
+            cached_total += hit
+        completion = sum(c.token_count for c in comps)
+        self.meter.add_policy(flops, plen * max(1, len(comps)), cached_total, completion)

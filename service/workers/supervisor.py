@@ -55,6 +55,7 @@ class WorkerSpec:
     max_model_len: int = 2048
     dtype: str = "auto"
     kv_cache_gib: int = 2
+    block_size: int | None = None
     pooling: bool = False
     # The pooling worker's vLLM arguments (default: per-token hidden states for the bundled PRM head).
     pooling_args: list[str] = field(default_factory=lambda: list(HIDDEN_STATE_POOLING))
@@ -72,6 +73,8 @@ class WorkerSpec:
                "--disable-uvicorn-access-log", "--enforce-eager"]
         if not self.chunked_prefill and not self.pooling:
             cmd += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max(8192, self.max_model_len))]
+        if self.block_size:
+            cmd += ["--block-size", str(self.block_size)]
         if self.pooling:
             cmd += list(self.pooling_args)
         return cmd + list(self.extra_args)
