@@ -194,9 +194,12 @@ class BankRunner:
         gold = str(row["answer"])
         total_tokens = sum(c.token_count for c in out) or 1
         samples = []
-        for c, a, p in zip(out, arith, prm):
+        for c, a, p, st in zip(out, arith, prm, steps):
             ans = extract_answer(c.text)
+            # The steps themselves (model output, no dataset text) let a new verifier rescore the bank without
+            # drawing it again.
             samples.append({"answer": ans, "correct": answers_equivalent(ans, gold), "tokens": c.token_count,
+                            "steps": st,
                             "finish": c.finish_reason,
                             "policy_flops": shape.generation_flops(plen, plen, [c.token_count]),
                             "reward_flops": meter.reward.flops * c.token_count / total_tokens,
