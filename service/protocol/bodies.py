@@ -22,7 +22,7 @@ class WireModel(BaseModel):
     model_config = ConfigDict(extra="allow")
     # Keys dropped when null ("*": every key, extras included).
     absent_if_null: ClassVar[tuple[str, ...] | Literal["*"]] = ()
-    # Keys on the wire even when left at their default (a body's `object`, a choice's null `logprobs`).
+    # Keys on the wire even when left at their default (a body's `object`).
     always_sent: ClassVar[tuple[str, ...]] = ()
 
     @model_validator(mode="before")
@@ -112,11 +112,7 @@ class TTCInfo(WireModel):
 
 # ---- whole answers ----------------------------------------------------------------------------------------------
 
-_CHOICE_KEYS = ("index", "logprobs", "finish_reason")  # in every choice, null or not (OpenAI's shape)
-
-
 class AssistantMessage(WireModel):
-    always_sent = ("role",)
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
@@ -124,7 +120,6 @@ class AssistantMessage(WireModel):
 
 class ChatChoice(WireModel):
     absent_if_null = VLLM_NULL_FIELDS
-    always_sent = _CHOICE_KEYS
     index: int = 0
     message: AssistantMessage
     logprobs: Any = None
@@ -133,7 +128,6 @@ class ChatChoice(WireModel):
 
 class CompletionChoice(WireModel):
     absent_if_null = VLLM_NULL_FIELDS
-    always_sent = _CHOICE_KEYS
     index: int = 0
     text: str
     logprobs: Any = None
@@ -175,7 +169,6 @@ class Delta(WireModel):
 
 
 class ChunkChoice(WireModel):
-    always_sent = _CHOICE_KEYS
     index: int = 0
     delta: Delta
     logprobs: Any = None
