@@ -91,7 +91,7 @@ async def _forward_stream(policy: PolicyClient, cache: ResponseCache, key: str |
                     raw_usage = orjson.loads(data)
                     policy.meter_usage(ctx.meter, raw_usage.get("usage"), n, ctx.prompt_tokens)
                     usage_msg = decorate_usage_chunk(raw_usage, ctx, policy.model, STRATEGY)
-                    if store_key is not None and first is not None and usage_msg.usage and usage_msg.ttc:
+                    if store_key is not None and first is not None:
                         # The JSON answer this stream amounts to, stored for a later hit.
                         stored = answer(ctx.route, first.get("id") or ctx.response_id,
                                         first.get("created") or ctx.created, first.get("model") or policy.model,
