@@ -26,22 +26,19 @@ from typing import Any, Callable, Sequence
 
 from .errors import BudgetExceeded, InvalidParameter
 from .metering import ModelShape
+from .protocol.ttc import positive_figure
 
 MODES = ("enforce", "report")
 
 
 def positive(value: Any, name: str, integer: bool = False) -> float | int | None:
-    """A budget figure as sent (header text or JSON number); None when absent."""
+    """A budget figure as sent (header text, or the body's already typed number); None when absent."""
     if value is None:
         return None
     try:
-        number = int(value) if integer and not isinstance(value, float) else float(value)
-    except (TypeError, ValueError):
-        kind = "a positive integer" if integer else "a positive number, e.g. 2.5e13"
-        raise InvalidParameter(f"{name} must be {kind}", param=name, code="invalid_value")
-    if isinstance(value, bool) or not number > 0 or number == float("inf"):
-        raise InvalidParameter(f"{name} must be a positive finite number", param=name, code="invalid_value")
-    return number
+        return positive_figure(value, integer)
+    except ValueError as exc:
+        raise InvalidParameter(f"{name} {exc}", param=name, code="invalid_value")
 
 
 def cap(value: float | None, *caps: float | None) -> tuple[float | None, bool]:

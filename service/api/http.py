@@ -35,7 +35,7 @@ def ttc_headers(ctx: RequestContext, flops: bool = True) -> dict[str, str]:
 
 def to_response(result: Result, ctx: RequestContext) -> Response:
     if isinstance(result, Answer):
-        return Response(orjson.dumps(result.body), media_type="application/json", headers=ttc_headers(ctx))
+        return Response(orjson.dumps(result.body.wire()), media_type="application/json", headers=ttc_headers(ctx))
     if isinstance(result, ClientGone):
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     assert isinstance(result, Stream)

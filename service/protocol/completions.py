@@ -14,6 +14,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from .strict import StrictModel
 from .tools import (IGNORED_FIELDS, RefusalPart, ResponseFormat, TextPart, ToolCall, ToolChoice,
                     ToolDefinition, content_text, parse_content)
+from .ttc import TTCExtension
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
@@ -115,7 +116,7 @@ class SamplingFields(StrictModel):
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
     # Test-time compute options (the openai client's extra_body): strategy and its parameters, budgets.
-    ttc: dict[str, Any] | None = None
+    ttc: TTCExtension | None = None
 
     @field_validator("stop")
     @classmethod

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .completions import ChatCompletionRequest, StrictModel
+from .ttc import TTCExtension
 
 _Strict = StrictModel  # the chat protocol's strict base: unknown fields are a 400 here too
 
@@ -121,7 +122,7 @@ class ResponsesRequest(_Strict):
     previous_response_id: str | None = None
     conversation: str | dict[str, Any] | None = None
     prompt: dict[str, Any] | None = None
-    ttc: dict[str, Any] | None = None
+    ttc: TTCExtension | None = None
 
     @model_validator(mode="before")
     @classmethod

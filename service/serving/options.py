@@ -9,20 +9,15 @@ from typing import Any
 from ..budget import positive, requested_budget
 from ..config import KeyPolicy, Settings
 from ..errors import InvalidParameter, NotAllowed
+from ..protocol.ttc import REQUEST_KEYS, TTCExtension
 from ..router import auto as _auto  # noqa: F401  (registers the `auto` strategy)
 from ..strategies import Strategy, StrategyParamError, build_strategy
 
 NO_STRATEGY = "none"
 AUTO = "auto"
 
-# Request-level keys of the `ttc` object (everything else is a strategy parameter), with their headers.
-_HEADERS = {
-    "strategy": "x-ttc-strategy",
-    "budget_flops": "x-ttc-budget-flops",
-    "budget_tokens": "x-ttc-budget-tokens",
-    "deadline_ms": "x-ttc-deadline-ms",
-    "budget_mode": "x-ttc-budget-mode",
-}
+# The header of each of the `ttc` extension's own keys (protocol/ttc.py types the body's; headers win over it).
+_HEADERS = {key: "x-ttc-" + key.replace("_", "-") for key in REQUEST_KEYS}
 _HEADER_NAMES = {"x-ttc-strategy": "X-TTC-Strategy", "x-ttc-budget-flops": "X-TTC-Budget-FLOPs",
                  "x-ttc-budget-tokens": "X-TTC-Budget-Tokens", "x-ttc-deadline-ms": "X-TTC-Deadline-Ms",
                  "x-ttc-budget-mode": "X-TTC-Budget-Mode"}
@@ -48,21 +43,21 @@ class TTCOptions:
         return self.mode == "enforce"
 
 
-def _raw(ttc: dict[str, Any], headers: dict[str, str], key: str) -> tuple[Any, str]:
-    """The value and the name to blame for it (the header wins over the body)."""
+def _raw(ttc: TTCExtension, headers: dict[str, str], key: str) -> tuple[Any, str]:
+    """The value and the name to blame for it (the header's text wins over the body's typed value)."""
     header = _HEADERS[key]
     if header in headers:
         return headers[header], _HEADER_NAMES[header]
-    return ttc.get(key), f"ttc.{key}"
+    return getattr(ttc, key), f"ttc.{key}"
 
 
-def parse_options(ttc: dict[str, Any] | None, headers: dict[str, str], settings: Settings,
+def parse_options(ttc: TTCExtension | None, headers: dict[str, str], settings: Settings,
                   key_policy: KeyPolicy | None) -> TTCOptions:
-    ttc = dict(ttc or {})
+    """The body's types are checked where it is parsed (TTCExtension); here the headers, their precedence, the
+    defaults and the caps."""
+    ttc = ttc or TTCExtension()
     name, name_src = _raw(ttc, headers, "strategy")
     name = name or settings.default_strategy
-    if not isinstance(name, str):
-        raise InvalidParameter(f"{name_src} must be a string", param=name_src, code="invalid_value")
     kp = key_policy or KeyPolicy()
     if kp.strategies is not None and name not in kp.strategies and name != NO_STRATEGY:
         raise NotAllowed(f"This API key may not use strategy {name!r}; allowed: {', '.join(kp.strategies)}",
@@ -75,7 +70,7 @@ def parse_options(ttc: dict[str, Any] | None, headers: dict[str, str], settings:
     if deadline is None:
         deadline = settings.default_deadline_ms
 
-    params = {k: v for k, v in ttc.items() if k not in _HEADERS}
+    params = ttc.params
     if name == NO_STRATEGY and params:
         raise InvalidParameter(f"ttc parameters {sorted(params)} need a strategy", param="ttc.strategy",
                                code="invalid_value")

@@ -12,14 +12,15 @@ from typing import Any, AsyncIterator, Callable
 import orjson
 
 from ..errors import ServiceError, Unavailable, UpstreamError
+from ..protocol.bodies import AnswerBody
 from ..protocol.completions import ECHOED_MESSAGE_FIELDS, NOT_FORWARDED, ChatCompletionRequest, CompletionRequest
 from ..workers.policy import PolicyClient
 from ..workers.pool import WorkerError, WorkerUnavailable
 from . import sse
 from .context import RequestContext
 from .lifecycle import CLIENT_GONE, OK
-from .response_cache import ResponseCache, body_from_stream, replay_stream
-from .responses import budget_fields, decorate_upstream, system_fingerprint, ttc_object, with_fingerprint
+from .bodies import answer, decorate_upstream, decorate_usage_chunk, with_fingerprint
+from .response_cache import ResponseCache, replay_stream
 from .results import Answer, Result, Stream
 
 STRATEGY = "none"
@@ -79,7 +80,7 @@ async def _forward_stream(policy: PolicyClient, cache: ResponseCache, key: str |
         first: dict[str, Any] | None = None
         finish_reason = "stop"
         complete = False
-        stored: dict[str, Any] | None = None
+        stored: AnswerBody | None = None
         store_key = key
         try:
             async for data in events:
@@ -87,14 +88,14 @@ async def _forward_stream(policy: PolicyClient, cache: ResponseCache, key: str |
                     complete = True
                     break
                 if '"choices":[]' in data and '"usage"' in data:
-                    usage_msg = orjson.loads(data)
-                    policy.meter_usage(ctx.meter, usage_msg.get("usage"), n, ctx.prompt_tokens)
-                    usage_msg["usage"]["flops"] = ctx.meter.total_flops
-                    usage_msg["ttc"] = ttc_object(STRATEGY, ctx.meter, cache=ctx.cache_status, **budget_fields(ctx))
-                    usage_msg["system_fingerprint"] = system_fingerprint(policy.model)
+                    raw_usage = orjson.loads(data)
+                    policy.meter_usage(ctx.meter, raw_usage.get("usage"), n, ctx.prompt_tokens)
+                    usage_msg = decorate_usage_chunk(raw_usage, ctx, policy.model, STRATEGY)
                     if store_key is not None and first is not None:
-                        stored = body_from_stream(ctx, first, "".join(collected), finish_reason,
-                                                  usage_msg["usage"], usage_msg["ttc"])
+                        # The JSON answer this stream amounts to, stored for a later hit.
+                        stored = answer(ctx.route, first.get("id") or ctx.response_id,
+                                        first.get("created") or ctx.created, first.get("model") or policy.model,
+                                        "".join(collected), finish_reason, usage_msg.usage, usage_msg.ttc)
                     if include_usage:
                         yield sse.event(usage_msg)
                     continue
@@ -120,8 +121,8 @@ async def _forward_stream(policy: PolicyClient, cache: ResponseCache, key: str |
             yield sse.error_event(down.message, "service_unavailable", down.code)
             yield sse.DONE
             finish(ctx, status_of(down), False)
-        except WorkerError as exc:
-            failed = UpstreamError(exc.message, code="upstream_error")
+        except (WorkerError, UpstreamError) as exc:
+            failed = exc if isinstance(exc, UpstreamError) else UpstreamError(exc.message, code="upstream_error")
             yield sse.error_event(failed.message, "server_error", failed.code)
             yield sse.DONE
             finish(ctx, status_of(failed), False)

@@ -11,11 +11,12 @@ from typing import Any, AsyncIterator
 
 import orjson
 
+from ..protocol.bodies import AnswerBody, ChatCompletion
 from ..protocol.tools import IGNORED_FIELDS
 from ..cache import Cache, cache_key, cacheable_response, parse_cache_control
 from . import sse
+from .bodies import cached_answer, chunk, usage_chunk
 from .context import RequestContext
-from .responses import chunk, system_fingerprint, ttc_object, usage_chunk
 
 # Fields that do not change the generated text (streaming shape is replayed, not cached separately).
 _NOT_IN_KEY = {"stream", "stream_options", "user"} | IGNORED_FIELDS
@@ -40,7 +41,7 @@ class ResponseCache:
             return None
         return cache_key("response", ctx.tenant, payload)
 
-    async def lookup(self, ctx: RequestContext, key: str | None) -> dict[str, Any] | None:
+    async def lookup(self, ctx: RequestContext, key: str | None) -> AnswerBody | None:
         if key is None:
             return None
         if parse_cache_control(ctx.headers.get("cache-control")).no_cache:
@@ -50,61 +51,34 @@ class ResponseCache:
             ctx.cache_status = "bypass"  # the store is known to be down (breaker open): not even asked
             return None
         raw = await self.cache.get(key)
-        if raw is None:
-            ctx.cache_status = "miss"
-            return None
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            ctx.cache_status = "miss"
-            return None
-        ctx.cache_status = "hit"
-        # A replay is a new answer: its own id and time (clients key logs and dedup on them).
-        body["id"], body["created"] = ctx.response_id, ctx.created
-        body["system_fingerprint"] = system_fingerprint(str(body.get("model", "")))
-        body["usage"]["flops"] = 0.0
-        body["ttc"] = ttc_object(body.get("ttc", {}).get("strategy", ctx.strategy), ctx.meter, cache="hit")
+        body = cached_answer(raw, ctx) if raw is not None else None
+        ctx.cache_status = "miss" if body is None else "hit"  # an unreadable entry is a miss, not an error
         return body
 
-    async def store(self, ctx: RequestContext, key: str | None, body: dict[str, Any]) -> None:
+    async def store(self, ctx: RequestContext, key: str | None, body: AnswerBody) -> None:
         if key is None or parse_cache_control(ctx.headers.get("cache-control")).no_store:
             return
-        await self.cache.set(key, orjson.dumps(body), self.ttl_s)
+        await self.cache.set(key, orjson.dumps(body.wire()), self.ttl_s)
 
 
-def replay_stream(ctx: RequestContext, body: dict[str, Any], include_usage: bool) -> AsyncIterator[bytes]:
+def replay_stream(ctx: RequestContext, body: AnswerBody, include_usage: bool) -> AsyncIterator[bytes]:
     """A cached response as an SSE stream: one content chunk, the finish chunk, usage if asked, [DONE]."""
 
     async def events() -> AsyncIterator[bytes]:
-        choice = body["choices"][0]
-        text = choice["message"]["content"] if ctx.route == "chat" else choice["text"]
-        rid, model = body["id"], body["model"]
+        choice = body.choices[0]
+        message = choice.message if isinstance(body, ChatCompletion) else None
+        text = message.content if message is not None else choice.text
+        rid, model = body.id, body.model
         if ctx.route == "chat":
             yield sse.event(chunk(ctx, rid, model, role=True, content=""))
         if text:
             yield sse.event(chunk(ctx, rid, model, content=text))
-        calls = choice["message"].get("tool_calls") if ctx.route == "chat" else None
-        if calls:
-            piece = chunk(ctx, rid, model)
-            piece["choices"][0]["delta"] = {"tool_calls": [dict(c, index=i) for i, c in enumerate(calls)]}
-            yield sse.event(piece)
-        yield sse.event(chunk(ctx, rid, model, finish_reason=choice.get("finish_reason") or "stop"))
-        if include_usage:
-            yield sse.event(usage_chunk(ctx, rid, model, body["usage"], body["ttc"]))
+        if message is not None and message.tool_calls:
+            yield sse.event(chunk(ctx, rid, model, tool_calls=[dict(c, index=i)
+                                                               for i, c in enumerate(message.tool_calls)]))
+        yield sse.event(chunk(ctx, rid, model, finish_reason=choice.finish_reason or "stop"))
+        if include_usage and body.usage is not None and body.ttc is not None:
+            yield sse.event(usage_chunk(ctx, rid, model, body.usage, body.ttc))
         yield sse.DONE
 
     return events()
-
-
-def body_from_stream(ctx: RequestContext, first: dict[str, Any], text: str, finish_reason: str,
-                     usage: dict[str, Any], ttc: dict[str, Any]) -> dict[str, Any]:
-    """The JSON response a finished stream amounts to, for storing it."""
-    if ctx.route == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": finish_reason}
-        obj = "chat.completion"
-    else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        obj = "text_completion"
-    return {"id": first.get("id"), "object": obj, "created": first.get("created"), "model": first.get("model"),
-            "choices": [choice], "usage": usage, "ttc": ttc}

@@ -4,14 +4,16 @@ client left). `api/` turns them into HTTP responses (status, media type, X-TTC-*
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable
+
+from ..protocol.bodies import AnswerBody
 
 
 @dataclass
 class Answer:
-    """A complete OpenAI body (chat.completion or text_completion)."""
+    """A complete OpenAI body (chat.completion or text_completion); `body.wire()` is its JSON."""
 
-    body: dict[str, Any]
+    body: AnswerBody
 
 
 @dataclass

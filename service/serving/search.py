@@ -11,7 +11,7 @@ from ..errors import InvalidParameter, ServiceError, Unavailable
 from ..protocol.completions import (ECHOED_MESSAGE_FIELDS, PASSTHROUGH_ONLY_FIELDS, STRATEGY_SAMPLING_FIELDS,
                             ChatCompletionRequest, CompletionRequest)
 from ..strategies import Strategy
-from ..strategies.base import Problem, SamplingParams, StrategyResult
+from ..strategies.base import Problem, SamplingParams
 from ..cache import SampleStore, parse_cache_control
 from ..workers.policy import MeteredPolicy, PolicyClient
 from ..workers.pool import WorkerError, WorkerUnavailable
@@ -20,7 +20,7 @@ from .context import RequestContext
 from .passthrough import Finish
 from .sample_reuse import SampleReusingPolicy
 from .lifecycle import CLIENT_GONE, OK
-from .responses import budget_fields, chat_response, chunk, completion_response, ttc_object, usage_block, usage_chunk
+from .bodies import answer, chunk, search_ttc, usage, usage_chunk
 from .results import Answer, Result, Stream
 
 KEEP_ALIVE_S = 5.0
@@ -85,18 +85,6 @@ async def build_problem(policy: PolicyClient, ctx: RequestContext, req: ChatComp
     return problem, prompt_tokens
 
 
-def result_ttc(ctx: RequestContext, strategy: Strategy, reward_name: str | None, result: StrategyResult,
-               extra: dict[str, Any], policy: Any = None) -> dict[str, Any]:
-    reused = getattr(policy, "reused", None)
-    if reused is not None:
-        extra = dict(extra, samples_reused=reused)
-    return ttc_object(
-        strategy.name, ctx.meter, params=strategy.params.model_dump(), reward=reward_name,
-        samples=result.samples, steps=result.steps, answer=result.answer, score=result.score,
-        budget_exhausted=result.budget_exhausted, cache=ctx.cache_status, details=result.details or None,
-        **budget_fields(ctx), **extra)
-
-
 async def run(policy_client: PolicyClient, reward: Any, ctx: RequestContext,
               req: ChatCompletionRequest | CompletionRequest, strategy: Strategy, budget_flops: float | None,
               max_tokens: int, finish: Finish, extra: dict[str, Any], soft_deadline: float | None = None,
@@ -120,10 +108,9 @@ async def run(policy_client: PolicyClient, reward: Any, ctx: RequestContext,
     if not req.stream:
         result = await strategy.run(problem, policy, reward, budget)
         ctx.budget_exhausted = result.budget_exhausted
-        ttc = result_ttc(ctx, strategy, reward_name, result, extra, policy)
-        build = chat_response if ctx.route == "chat" else completion_response
-        usage = usage_block(ctx.meter, prompt_tokens, result.completion_tokens)
-        body = build(ctx, policy_client.model, result.text, result.finish_reason, ttc, usage)
+        ttc = search_ttc(ctx, strategy, reward_name, result, extra, policy)
+        body = answer(ctx.route, ctx.response_id, ctx.created, policy_client.model, result.text,
+                      result.finish_reason, usage(ctx.meter, prompt_tokens, result.completion_tokens), ttc)
         finish(ctx, OK, False)
         return Answer(body)
     return Stream(_stream(policy_client.model, ctx, strategy, problem, policy, reward, budget, req.include_usage,
@@ -168,9 +155,9 @@ async def _stream(model: str, ctx: RequestContext, strategy: Strategy, problem: 
             yield sse.event(chunk(ctx, rid, model, content=rest))
         yield sse.event(chunk(ctx, rid, model, finish_reason=result.finish_reason))
         if include_usage:
-            ttc = result_ttc(ctx, strategy, getattr(reward, "name", None), result, extra, policy)
-            usage = usage_block(ctx.meter, prompt_tokens, result.completion_tokens)
-            yield sse.event(usage_chunk(ctx, rid, model, usage, ttc))
+            ttc = search_ttc(ctx, strategy, getattr(reward, "name", None), result, extra, policy)
+            yield sse.event(usage_chunk(ctx, rid, model, usage(ctx.meter, prompt_tokens, result.completion_tokens),
+                                        ttc))
         yield sse.DONE
         status, disconnected = OK, False
     except (WorkerUnavailable, WorkerError) as exc:

@@ -6,11 +6,15 @@ from typing import Any
 
 import orjson
 
+from ..protocol.bodies import WireModel
+
 DONE = b"data: [DONE]\n\n"
 KEEP_ALIVE = b": keep-alive\n\n"
 
 
-def event(payload: dict[str, Any] | bytes) -> bytes:
+def event(payload: WireModel | dict[str, Any] | bytes) -> bytes:
+    if isinstance(payload, WireModel):
+        payload = payload.wire()
     data = payload if isinstance(payload, bytes) else orjson.dumps(payload)
     return b"data: " + data + b"\n\n"
 

@@ -50,10 +50,9 @@ class BudgetedCalls:
         return sum(self.policy.estimate_flops(group, params, n) for n, group in groups.items())
 
     def affordable(self, prompt: str, params: SamplingParams, n: int) -> int:
-        """The largest count <= n of samples of `prompt` whose worst-case cost fits the budget (anytime N)."""
-        while n > 0 and not self.budget.allows(self.policy.estimate_flops([prompt], params, n)):
-            n -= 1
-        return n
+        """The largest count <= n of samples of `prompt` whose worst-case cost fits the budget (anytime N; the
+        budget's one shrink rule)."""
+        return self.budget.affordable(n, lambda k: self.policy.estimate_flops([prompt], params, k))
 
     def fits(self, flops: float) -> bool:
         if self.budget.allows(flops):

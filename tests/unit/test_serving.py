@@ -50,7 +50,7 @@ async def test_serving_returns_a_typed_answer_and_raises_domain_errors():
     rt = FakeRuntime(settings())
     result = await rt.serving.handle(RequestContext(route="chat", request_id="r"),
                                      ChatCompletionRequest(**chat(temperature=0)))
-    assert isinstance(result, Answer) and result.body["choices"][0]["message"]["content"] == ANSWER
+    assert isinstance(result, Answer) and result.body.choices[0].message.content == ANSWER
     with pytest.raises(UnknownModel):
         await rt.serving.handle(RequestContext(route="chat", request_id="r"),
                                 ChatCompletionRequest(**dict(chat(), model="other")))

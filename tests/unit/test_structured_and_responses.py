@@ -106,7 +106,8 @@ def test_responses_request_becomes_a_chat_request():
     chat = to_chat(req)
     assert [m.role for m in chat.messages] == ["system", "user", "assistant", "tool"]
     assert chat.messages[2].tool_calls[0].id == "c1" and chat.messages[3].tool_call_id == "c1"
-    assert chat.max_completion_tokens == 12 and chat.include_usage and chat.ttc == {"strategy": "best_of_n", "n": 2}
+    assert chat.max_completion_tokens == 12 and chat.include_usage and chat.ttc.strategy == "best_of_n"
+    assert chat.ttc.params == {"n": 2}
     assert chat.response_format.json_schema.schema_ == {"type": "object"}
     assert ResponsesRequest.model_validate({"model": "m", "input": "x", "previous_response_id": "r"}).refused()[0] \
         == "previous_response_id"
