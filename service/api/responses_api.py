@@ -28,7 +28,10 @@ def usage_of(chat_usage: dict[str, Any] | None) -> dict[str, Any] | None:
     if not chat_usage:
         return None
     cached = (chat_usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-    usage = {"input_tokens": chat_usage.get("prompt_tokens", 0), "input_tokens_details": {"cached_tokens": cached},
+    # cache_write_tokens: required by the openai SDK's strict Response model; nothing here is billed as a cache
+    # write.
+    usage = {"input_tokens": chat_usage.get("prompt_tokens", 0),
+             "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
              "output_tokens": chat_usage.get("completion_tokens", 0),
              "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": chat_usage.get("total_tokens", 0)}
     if "flops" in chat_usage:

@@ -207,3 +207,14 @@ def test_streamed_tool_calls_become_function_call_items():
     item = events[-1]["response"]["output"][0]
     assert (item["type"], item["call_id"], item["name"], item["arguments"]) == ("function_call", "call_1", "f",
                                                                                '{"a": 1}')
+
+
+def test_responses_usage_validates_against_the_openai_sdk_strictly():
+    from openai.types.responses import ResponseUsage
+
+    from service.api.responses_api import usage_of
+
+    usage = usage_of({"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17, "flops": 3e9,
+                      "prompt_tokens_details": {"cached_tokens": 8}})
+    parsed = ResponseUsage.model_validate(usage, strict=True)
+    assert parsed.input_tokens_details.cached_tokens == 8 and parsed.output_tokens == 5
