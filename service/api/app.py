@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from contextlib import asynccontextmanager
@@ -42,11 +43,20 @@ class Runtime(Protocol):
     async def stop(self) -> None: ...
 
 
+def freeze_startup_heap() -> None:
+    """Moves everything alive after startup (~150k objects: FastAPI, pydantic, math-verify, the tables) out of the
+    collector's reach. Otherwise each full collection scans them all: measured 50-140 ms of a stalled event loop,
+    about once every 4000 requests, all of it tail latency for the requests in flight."""
+    gc.collect()
+    gc.freeze()
+
+
 def create_app(settings: Settings, gw: Runtime) -> FrontDoor:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await gw.start()
+        freeze_startup_heap()
         log.info("ttc-gateway ready on %s:%d (policy model %s)", settings.host, settings.port, gw.policy.model)
         try:
             yield

@@ -32,7 +32,7 @@ def _context(request: Request, route: str) -> RequestContext:
         request_id=request.state.request_id,
         tenant=getattr(request.state, "tenant", "anonymous"),
         key_hash=getattr(request.state, "key_hash", ""),
-        headers={k.lower(): v for k, v in request.headers.items()},
+        headers=getattr(request.state, "headers", None) or {k.lower(): v for k, v in request.headers.items()},
         started=getattr(request.state, "arrived", None) or time.monotonic(),
     )
 
