@@ -37,9 +37,12 @@ def completion_body(model: str) -> dict:
 
 
 class FakeVLLM(asyncio.Protocol):
-    def __init__(self, model: str, delay_s: float = 0.0):
+    def __init__(self, model: str, delay_s: float = 0.0, step_s: float = 0.0):
         self.model = model
         self.delay_s = delay_s  # answer this much later (tests: a known "overhead")
+        # Like an engine's batches: a request arriving during a step runs in the next one, and every request of a
+        # step is answered when it ends, together (the burst a gateway meets at high concurrency).
+        self.step_s = step_s
         self.buffer = b""
         self.transport: asyncio.Transport | None = None
 
@@ -82,19 +85,23 @@ class FakeVLLM(asyncio.Protocol):
         assert self.transport is not None
         out = b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (
             status, reason, len(raw), raw)
-        if self.delay_s > 0:
-            asyncio.get_running_loop().call_later(self.delay_s, self.transport.write, out)
+        loop = asyncio.get_running_loop()
+        delay = self.delay_s
+        if self.step_s > 0:
+            delay += 2 * self.step_s - loop.time() % self.step_s
+        if delay > 0:
+            loop.call_later(delay, self.transport.write, out)
         else:
             self.transport.write(out)
 
 
-async def start(host: str, port: int, model: str, delay_s: float = 0.0) -> asyncio.Server:
-    return await asyncio.get_running_loop().create_server(lambda: FakeVLLM(model, delay_s), host, port,
+async def start(host: str, port: int, model: str, delay_s: float = 0.0, step_s: float = 0.0) -> asyncio.Server:
+    return await asyncio.get_running_loop().create_server(lambda: FakeVLLM(model, delay_s, step_s), host, port,
                                                           backlog=1024)
 
 
-async def serve(host: str, port: int, model: str) -> None:
-    async with await start(host, port, model) as server:
+async def serve(host: str, port: int, model: str, step_s: float = 0.0) -> None:
+    async with await start(host, port, model, step_s=step_s) as server:
         await server.serve_forever()
 
 
@@ -103,6 +110,8 @@ def main() -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8199)
     ap.add_argument("--served-name", default="smollm2-135m-instruct")
+    ap.add_argument("--step-ms", type=float, default=0.0,
+                    help="answer in engine-like steps: every request of a step at its end (0: at once)")
     args = ap.parse_args()
     try:
         import uvloop
@@ -110,7 +119,7 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(serve(args.host, args.port, args.served_name))
+    asyncio.run(serve(args.host, args.port, args.served_name, args.step_ms / 1000))
 
 
 if __name__ == "__main__":

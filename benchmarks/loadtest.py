@@ -208,10 +208,15 @@ def _interval(value: float, boot: np.ndarray) -> dict[str, float]:
 
 
 async def overhead_lanes(gateway: str, worker: str, model: str, pairs: int, concurrency: int,
-                         warmup: int = 4) -> tuple[list[float], list[float]]:
-    """At least `pairs` (gateway, direct) latency pairs in seconds from `concurrency` lanes running at once; each
-    lane alternates the two sides and swaps which one goes first every pair. aiohttp, one session per side: httpx's
-    pool scan costs the client more CPU per request as connections grow, and the client shares the cores too."""
+                         warmup: int = 4, think_s: float = 0.0) -> tuple[list[float], list[float], list[bool]]:
+    """At least `pairs` (gateway, direct) latency pairs in seconds from `concurrency` lanes running at once, and
+    whether the gateway went first in each; a lane alternates the two sides and swaps which one goes first every
+    pair. `think_s`: each request waits a random 0..think_s first, so lanes do not move in lockstep with the
+    engine's batches (in lockstep, a request arriving 1 ms after its batch started waits a whole engine step).
+    aiohttp, one session per side: httpx's pool scan costs the client more CPU per request as connections grow,
+    and the client shares the cores too."""
+    import random
+
     import aiohttp
 
     per_lane = -(-pairs // concurrency)
@@ -220,6 +225,7 @@ async def overhead_lanes(gateway: str, worker: str, model: str, pairs: int, conc
     headers = {"content-type": "application/json", "x-ttc-strategy": "none", **NO_CACHE}
     gw_lat: list[float] = []
     direct_lat: list[float] = []
+    gateway_first: list[bool] = []
     connector = dict(limit=concurrency + 4, keepalive_timeout=2.0)  # under the workers' 5 s keep-alive
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(**connector)) as via_gw, \
@@ -237,17 +243,25 @@ async def overhead_lanes(gateway: str, worker: str, model: str, pairs: int, conc
             return elapsed
 
         async def lane(k: int) -> None:
+            rng = random.Random(k)
+
+            async def after_thinking(side: str) -> float:
+                if think_s > 0:
+                    await asyncio.sleep(rng.uniform(0.0, think_s))
+                return await timed(side)
+
             for _ in range(warmup):  # open and warm this lane's connections on both sides
-                await timed("gateway")
-                await timed("direct")
+                await after_thinking("gateway")
+                await after_thinking("direct")
             for i in range(per_lane):
                 order = ("gateway", "direct") if (i + k) % 2 == 0 else ("direct", "gateway")
-                got = {side: await timed(side) for side in order}
+                got = {side: await after_thinking(side) for side in order}
                 gw_lat.append(got["gateway"])
                 direct_lat.append(got["direct"])
+                gateway_first.append(order[0] == "gateway")
 
         await asyncio.gather(*(lane(k) for k in range(concurrency)))
-    return gw_lat, direct_lat
+    return gw_lat, direct_lat, gateway_first
 
 
 async def overhead(gateway: str, worker: str, model: str, gw_pid: int | None, args) -> list[dict]:
@@ -256,10 +270,12 @@ async def overhead(gateway: str, worker: str, model: str, gw_pid: int | None, ar
         load_before = os.getloadavg()
         cpu0 = cpu_seconds(gw_pid) if gw_pid else None
         t = time.perf_counter()
-        gw_lat, direct_lat = await overhead_lanes(gateway, worker, model, args.overhead_pairs, c)
+        gw_lat, direct_lat, first = await overhead_lanes(gateway, worker, model, args.overhead_pairs, c,
+                                                         think_s=args.overhead_think_ms / 1000)
         wall = time.perf_counter() - t
-        row = {"concurrency": c, "wall_s": wall, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-               **pair_summary(gw_lat, direct_lat, seed=c), "gateway_s": gw_lat, "direct_s": direct_lat}
+        row = {"concurrency": c, "think_ms": args.overhead_think_ms, "wall_s": wall, "loadavg_before": load_before,
+               "loadavg_after": os.getloadavg(), **pair_summary(gw_lat, direct_lat, seed=c),
+               "gateway_s": gw_lat, "direct_s": direct_lat, "gateway_first": first}
         if cpu0 is not None:
             # Includes the warm-up requests and the health loop: an upper bound per request.
             row["gateway_cpu_ms_per_request"] = 1000 * (cpu_seconds(gw_pid) - cpu0) / (len(gw_lat) + 4 * c)
@@ -325,6 +341,8 @@ async def main() -> None:
     ap.add_argument("--overhead-pairs", type=int, default=0,
                     help="overhead mode: at least this many 1-token gateway/direct pairs per concurrency")
     ap.add_argument("--overhead-concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32])
+    ap.add_argument("--overhead-think-ms", type=float, default=0.0,
+                    help="overhead mode: each request first waits a random 0..this many ms (breaks lockstep)")
     ap.add_argument("--worker", help="the direct side (default: the gateway's first policy worker, from /ready)")
     args = ap.parse_args()
     if args.plot_from:

@@ -15,7 +15,8 @@ from ..metrics import Metrics, mark_process_dead, multiproc_dir
 from ..serving.handler import Serving
 from .errors import install_handlers
 from .middleware import FrontDoor
-from .routes import router
+from .fastpath import FastRoutes
+from .routes import FAST_ROUTES, router
 
 log = logging.getLogger("ttc.api")
 
@@ -72,5 +73,5 @@ def create_app(settings: Settings, gw: Runtime) -> FrontDoor:
     app.state.serving = gw.serving  # the completion routes
     install_handlers(app)
     app.include_router(router)
-    return FrontDoor(app, max_body_bytes=settings.max_body_bytes, api_key_hashes=settings.api_key_hashes,
+    return FrontDoor(FastRoutes(app, FAST_ROUTES), max_body_bytes=settings.max_body_bytes, api_key_hashes=settings.api_key_hashes,
                      protect_metrics=settings.protect_metrics)

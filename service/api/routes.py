@@ -61,6 +61,11 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     return await _serve(request, _context(request, "completions"), body)
 
 
+# The same two routes, served by api/fastpath.py for valid JSON bodies (FastAPI serves everything else).
+FAST_ROUTES = {"/v1/chat/completions": (ChatCompletionRequest, chat_completions),
+               "/v1/completions": (CompletionRequest, completions)}
+
+
 @router.post("/v1/responses")
 async def responses(body: ResponsesRequest, request: Request) -> Response:
     """The Responses API, served by the chat path (same limits, budgets, strategies, headers)."""

@@ -60,14 +60,15 @@ async def test_lanes_measure_a_known_added_delay(concurrency):
     slow = await fake_vllm.start("127.0.0.1", 0, "m", delay_s=0.020)
     url = lambda server: f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"  # noqa: E731
     try:
-        gw, direct = await loadtest.overhead_lanes(url(slow), url(fast), "m", pairs=10, concurrency=concurrency,
-                                                   warmup=1)
+        gw, direct, first = await loadtest.overhead_lanes(url(slow), url(fast), "m", pairs=10,
+                                                          concurrency=concurrency, warmup=1, think_s=0.002)
     finally:
         for server in (fast, slow):
             server.close()
             await server.wait_closed()
     n = -(-10 // concurrency) * concurrency  # whole lanes: at least the pairs asked for
-    assert len(gw) == len(direct) == n
+    assert len(gw) == len(direct) == len(first) == n
+    assert sum(first) == n // 2  # each lane swaps which side goes first, pair after pair
     diff = loadtest.pair_summary(gw, direct, n_boot=200)["difference"]["p50_ms"]["value"]
     assert 19.0 < diff < 60.0
     assert loadtest.format_overhead({"concurrency": concurrency, "wall_s": 1.0, "loadavg_before": (1.0, 1.0, 1.0),
