@@ -9,6 +9,13 @@
    cache hits), policy and PRM calls per round, wall time per round.
 3. Concurrency across requests: problems per minute for best-of-N 16 and beam search 16 at concurrency 1 vs 8.
 Writes the figures as JSON (--out) so reruns show regressions.
+
+    python benchmarks/loadtest.py --gateway URL --overhead-pairs 200 [--overhead-concurrency 1,32]
+
+Overhead mode (runs instead of 1-3): the gateway's added latency on 1-token pass-through chat requests (strategy
+none, `max_tokens: 1`). Per concurrency c, c lanes each alternate one request through the gateway and one straight
+to its worker, so machine noise hits both sides; a lane's pairs swap which side goes first. Prints p50 and p99 of
+the per-pair difference and of each side, with 95% intervals from a bootstrap over pairs.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 PROMPTS = [f"Write one sentence about the number {i}." for i in range(64)]
 QUESTIONS = ["Tom has 4 apples and gets 3 more. How many apples does he have now?",
@@ -29,6 +37,7 @@ QUESTIONS = ["Tom has 4 apples and gets 3 more. How many apples does he have now
              "What is (25 + 33) * 8 - 59?", "A box holds 12 pens. How many pens are in 7 boxes?"]
 # Measure the engine, not the gateway's caches (sample pool, PRM scores, responses).
 NO_CACHE = {"Cache-Control": "no-cache, no-store"}
+DEFAULT_OUT = "benchmarks/results/loadtest.json"
 SYSTEM = "Solve the problem step by step, one calculation per line, and end with 'The answer is N.'"
 
 
@@ -166,6 +175,135 @@ async def problems_per_minute(gateway: str, model: str, n_problems: int) -> list
     return rows
 
 
+# Overhead mode. A 1-token chat request: what the gateway adds is then most of the difference, not lost in decode.
+OVERHEAD_BODY_TEXT = "Say hi."
+QUANTILES = (0.5, 0.99)
+
+
+def pair_summary(gateway_s, direct_s, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Milliseconds. Quantiles of the per-pair difference and of each side, and the gap between the sides' own
+    quantiles, all with intervals from one bootstrap over pairs (a resampled pair keeps both of its requests, so
+    the sides' intervals and the gaps see the same resamples)."""
+    gw = 1000 * np.asarray(gateway_s, dtype=float)
+    direct = 1000 * np.asarray(direct_s, dtype=float)
+    if gw.shape != direct.shape or gw.ndim != 1 or len(gw) < 2:
+        raise ValueError("need two equally long sequences of at least 2 latencies, one entry per pair")
+    idx = np.random.default_rng(seed).integers(0, len(gw), size=(n_boot, len(gw)))
+    series = {"difference": gw - direct, "gateway": gw, "direct": direct}
+    out: dict = {"pairs": len(gw)}
+    boot_q = {}
+    for name, v in series.items():
+        boot_q[name] = np.quantile(v[idx], QUANTILES, axis=1)
+        out[name] = {f"p{round(100 * q)}_ms": _interval(float(np.quantile(v, q)), b)
+                     for q, b in zip(QUANTILES, boot_q[name])}
+    out["side_gap"] = {f"p{round(100 * q)}_ms": _interval(
+        float(np.quantile(gw, q) - np.quantile(direct, q)), boot_q["gateway"][i] - boot_q["direct"][i])
+        for i, q in enumerate(QUANTILES)}
+    out["difference"]["mean_ms"] = float(np.mean(series["difference"]))
+    return out
+
+
+def _interval(value: float, boot: np.ndarray) -> dict[str, float]:
+    return {"value": value, "lo": float(np.percentile(boot, 2.5)), "hi": float(np.percentile(boot, 97.5))}
+
+
+async def overhead_lanes(gateway: str, worker: str, model: str, pairs: int, concurrency: int,
+                         warmup: int = 4, think_s: float = 0.0) -> tuple[list[float], list[float], list[bool]]:
+    """At least `pairs` (gateway, direct) latency pairs in seconds from `concurrency` lanes running at once, and
+    whether the gateway went first in each; a lane alternates the two sides and swaps which one goes first every
+    pair. `think_s`: each request waits a random 0..think_s first, so lanes do not move in lockstep with the
+    engine's batches (in lockstep, a request arriving 1 ms after its batch started waits a whole engine step).
+    aiohttp, one session per side: httpx's pool scan costs the client more CPU per request as connections grow,
+    and the client shares the cores too."""
+    import random
+
+    import aiohttp
+
+    per_lane = -(-pairs // concurrency)
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": OVERHEAD_BODY_TEXT}],
+                       "max_tokens": 1}).encode()
+    headers = {"content-type": "application/json", "x-ttc-strategy": "none", **NO_CACHE}
+    gw_lat: list[float] = []
+    direct_lat: list[float] = []
+    gateway_first: list[bool] = []
+    connector = dict(limit=concurrency + 4, keepalive_timeout=2.0)  # under the workers' 5 s keep-alive
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(**connector)) as via_gw, \
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(**connector)) as direct:
+        sides = {"gateway": (via_gw, gateway), "direct": (direct, worker)}
+
+        async def timed(side: str) -> float:
+            session, base = sides[side]
+            t = time.perf_counter()
+            async with session.post(base + "/v1/chat/completions", data=body, headers=headers) as r:
+                await r.read()
+                elapsed = time.perf_counter() - t
+                if r.status != 200:
+                    raise RuntimeError(f"{side} answered {r.status}: {(await r.text())[:300]}")
+            return elapsed
+
+        async def lane(k: int) -> None:
+            rng = random.Random(k)
+
+            async def after_thinking(side: str) -> float:
+                if think_s > 0:
+                    await asyncio.sleep(rng.uniform(0.0, think_s))
+                return await timed(side)
+
+            for _ in range(warmup):  # open and warm this lane's connections on both sides
+                await after_thinking("gateway")
+                await after_thinking("direct")
+            for i in range(per_lane):
+                order = ("gateway", "direct") if (i + k) % 2 == 0 else ("direct", "gateway")
+                got = {side: await after_thinking(side) for side in order}
+                gw_lat.append(got["gateway"])
+                direct_lat.append(got["direct"])
+                gateway_first.append(order[0] == "gateway")
+
+        await asyncio.gather(*(lane(k) for k in range(concurrency)))
+    return gw_lat, direct_lat, gateway_first
+
+
+async def overhead(gateway: str, worker: str, model: str, gw_pid: int | None, args) -> list[dict]:
+    rows = []
+    for c in args.overhead_concurrency:
+        load_before = os.getloadavg()
+        cpu0 = cpu_seconds(gw_pid) if gw_pid else None
+        t = time.perf_counter()
+        gw_lat, direct_lat, first = await overhead_lanes(gateway, worker, model, args.overhead_pairs, c,
+                                                         think_s=args.overhead_think_ms / 1000)
+        wall = time.perf_counter() - t
+        row = {"concurrency": c, "think_ms": args.overhead_think_ms, "wall_s": wall, "loadavg_before": load_before,
+               "loadavg_after": os.getloadavg(), **pair_summary(gw_lat, direct_lat, seed=c),
+               "gateway_s": gw_lat, "direct_s": direct_lat, "gateway_first": first}
+        if cpu0 is not None:
+            # Includes the warm-up requests and the health loop: an upper bound per request.
+            row["gateway_cpu_ms_per_request"] = 1000 * (cpu_seconds(gw_pid) - cpu0) / (len(gw_lat) + 4 * c)
+        rows.append(row)
+        print(format_overhead(row), flush=True)
+    return rows
+
+
+def format_overhead(row: dict) -> str:
+    def q(d: dict) -> str:
+        return f"{d['value']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]"
+
+    def side(d: dict) -> str:
+        return f"{d['value']:.2f} [{d['lo']:.2f}, {d['hi']:.2f}]"
+
+    la = row["loadavg_before"]
+    lines = [f"c={row['concurrency']:>2}: {row['pairs']} pairs, {row['wall_s']:.1f} s, load average before "
+             f"{la[0]:.2f} {la[1]:.2f} {la[2]:.2f}, after {row['loadavg_after'][0]:.2f}"
+             + (f", gateway CPU {row['gateway_cpu_ms_per_request']:.2f} ms/request"
+                if row.get("gateway_cpu_ms_per_request") is not None else "")]
+    for name, label in (("difference", "gateway - direct, per pair"), ("side_gap", "gateway pXX - direct pXX"),
+                        ("gateway", "gateway"), ("direct", "direct")):
+        fmt = q if name in ("difference", "side_gap") else side
+        d = row[name]
+        lines.append(f"  {label:<28} p50 {fmt(d['p50_ms'])} ms   p99 {fmt(d['p99_ms'])} ms")
+    return "\n".join(lines)
+
+
 def plot(results: dict, path: Path) -> None:
     """Tokens/s through the gateway and straight to the worker, per concurrency level."""
     import matplotlib
@@ -198,16 +336,29 @@ async def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="alternating gateway/direct pairs per concurrency")
     ap.add_argument("--problems", type=int, default=8, help="problems per strategy for problems/minute")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: passthrough,search,throughput")
-    ap.add_argument("--out", default="benchmarks/results/loadtest.json")
+    ap.add_argument("--out", default=DEFAULT_OUT)
     ap.add_argument("--plot-from", help="only redraw the plot from an earlier results JSON")
+    ap.add_argument("--overhead-pairs", type=int, default=0,
+                    help="overhead mode: at least this many 1-token gateway/direct pairs per concurrency")
+    ap.add_argument("--overhead-concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32])
+    ap.add_argument("--overhead-think-ms", type=float, default=0.0,
+                    help="overhead mode: each request first waits a random 0..this many ms (breaks lockstep)")
+    ap.add_argument("--worker", help="the direct side (default: the gateway's first policy worker, from /ready)")
     args = ap.parse_args()
     if args.plot_from:
         plot(json.loads(Path(args.plot_from).read_text()), Path(args.plot_from).with_suffix(".png"))
         return
     ready = httpx.get(args.gateway + "/ready", timeout=10).json()
-    worker = ready["pools"]["policy"]["workers"][0]["url"]
+    worker = args.worker or ready["pools"]["policy"]["workers"][0]["url"]
     model = ready["pools"]["policy"]["model"]
     results = {"machine": {"cpus": os.cpu_count()}, "args": vars(args), "time": time.time()}
+    if args.overhead_pairs:
+        results["overhead"] = await overhead(args.gateway, worker, model, ready.get("pid"), args)
+        out = args.out if args.out != DEFAULT_OUT else "benchmarks/results/loadtest_overhead.json"
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(results, indent=2))
+        print(f"wrote {out}")
+        return
     skip = set(args.skip.split(","))
     if "passthrough" not in skip:
         results["passthrough"] = await passthrough(args.gateway, worker, model, ready.get("pid"), args)

@@ -19,7 +19,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -104,6 +104,9 @@ class Metrics:
             ProcessCollector(registry=self.registry)
             PlatformCollector(registry=self.registry)
         self._label = _LabelGuard(max_label_values)
+        # Labelled children by (metric, values): `labels()` takes a lock and re-validates the values on every call,
+        # several times per request. Bounded like the label values themselves (the guard caps them).
+        self._children: dict[tuple[object, tuple[str, ...]], object] = {}
         r = self.registry
 
         self.requests = Counter("ttc_requests_total", "Requests answered, by route, model and status class.",
@@ -144,13 +147,20 @@ class Metrics:
 
     # -- recording helpers --
 
+    def _child(self, metric: Counter | Gauge | Histogram, *values: str) -> Any:
+        key = (metric, values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
+
     def request_done(self, route: str, model: str, status_code: int | None, strategy: str, duration_s: float) -> None:
         route, strategy = self._label("route", route), self._label("strategy", strategy)
-        self.requests.labels(route, self._label("model", model), status_class(status_code)).inc()
-        self.request_duration.labels(route, strategy).observe(max(0.0, duration_s))
+        self._child(self.requests, route, self._label("model", model), status_class(status_code)).inc()
+        self._child(self.request_duration, route, strategy).observe(max(0.0, duration_s))
 
     def first_token(self, route: str, strategy: str, seconds: float) -> None:
-        self.ttft.labels(self._label("route", route), self._label("strategy", strategy)).observe(max(0.0, seconds))
+        self._child(self.ttft, self._label("route", route), self._label("strategy", strategy)).observe(max(0.0, seconds))
 
     def add_tokens(self, model: str, *, prompt: int = 0, completion: int = 0, cached_prompt: int = 0,
                    reward: int = 0) -> None:
@@ -158,12 +168,12 @@ class Metrics:
         for kind, n in (("prompt", prompt), ("completion", completion), ("cached_prompt", cached_prompt),
                         ("reward", reward)):
             if n > 0:
-                self.tokens.labels(model, kind).inc(n)
+                self._child(self.tokens, model, kind).inc(n)
 
     def add_flops(self, role: str, strategy: str, flops: float) -> None:
         """Partial spend (e.g. while streaming); call `request_flops_done` once per request for the histogram."""
         if flops > 0:
-            self.flops.labels(self._label("role", role, FLOPS_ROLES), self._label("strategy", strategy)).inc(flops)
+            self._child(self.flops, self._label("role", role, FLOPS_ROLES), self._label("strategy", strategy)).inc(flops)
 
     def request_flops_done(self, strategy: str, policy_flops: float, reward_flops: float,
                            *, counted: bool = False) -> None:
@@ -171,13 +181,14 @@ class Metrics:
         if not counted:
             self.add_flops("policy", strategy, policy_flops)
             self.add_flops("reward", strategy, reward_flops)
-        self.request_flops.labels(self._label("strategy", strategy)).observe(max(0.0, policy_flops + reward_flops))
+        self._child(self.request_flops, self._label("strategy", strategy)).observe(
+            max(0.0, policy_flops + reward_flops))
 
     def difficulty(self, bin_: str | int) -> None:
         self.difficulty_bin.labels(self._label("bin", bin_)).inc()
 
     def strategy(self, strategy: str) -> None:
-        self.strategy_chosen.labels(self._label("strategy", strategy)).inc()
+        self._child(self.strategy_chosen, self._label("strategy", strategy)).inc()
 
     def budget_rejection(self, reason: str) -> None:
         self.budget_rejections.labels(self._label("reason", reason)).inc()
@@ -188,19 +199,22 @@ class Metrics:
     def cache_event(self, kind: str, result: str) -> None:
         """Matches the cache's `on_event(kind, result)` hook: pass `metrics.cache_event` to build_cache."""
         kind, result = self._label("kind", kind, CACHE_KINDS), self._label("result", result, CACHE_RESULTS)
-        self.cache_requests.labels(kind, result).inc()
+        self._child(self.cache_requests, kind, result).inc()
 
     @contextlib.contextmanager
     def inflight(self, pool: str) -> Iterator[None]:
-        g = self.upstream_inflight.labels(self._label("pool", pool))
+        g = self.inflight_gauge(pool)
         g.inc()
         try:
             yield
         finally:
             g.dec()
 
+    def inflight_gauge(self, pool: str) -> Gauge:
+        return self._child(self.upstream_inflight, self._label("pool", pool))
+
     def upstream_result(self, pool: str, outcome: str) -> None:
-        self.upstream_requests.labels(self._label("pool", pool), self._label("outcome", outcome)).inc()
+        self._child(self.upstream_requests, self._label("pool", pool), self._label("outcome", outcome)).inc()
 
     def upstream_error(self, pool: str, kind: str) -> None:
         self.upstream_errors.labels(self._label("pool", pool), self._label("error_kind", kind)).inc()

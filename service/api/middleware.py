@@ -41,6 +41,7 @@ class FrontDoor:
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         state["arrived"] = arrived
+        state["headers"] = headers  # lower-cased once here; the routes reuse it
 
         async def send_with_id(message: dict) -> None:
             if message["type"] == "http.response.start":

@@ -32,7 +32,7 @@ def _context(request: Request, route: str) -> RequestContext:
         request_id=request.state.request_id,
         tenant=getattr(request.state, "tenant", "anonymous"),
         key_hash=getattr(request.state, "key_hash", ""),
-        headers={k.lower(): v for k, v in request.headers.items()},
+        headers=getattr(request.state, "headers", None) or {k.lower(): v for k, v in request.headers.items()},
         started=getattr(request.state, "arrived", None) or time.monotonic(),
     )
 
@@ -59,6 +59,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 async def completions(body: CompletionRequest, request: Request) -> Response:
     _refuse(refused_fields(body.__dict__))
     return await _serve(request, _context(request, "completions"), body)
+
+
+# The same two routes, served by api/fastpath.py for valid JSON bodies (FastAPI serves everything else).
+FAST_ROUTES = {"/v1/chat/completions": (ChatCompletionRequest, chat_completions),
+               "/v1/completions": (CompletionRequest, completions)}
 
 
 @router.post("/v1/responses")

@@ -129,7 +129,7 @@ class WorkerPool:
     @asynccontextmanager
     async def _track(self, ep: Endpoint) -> AsyncIterator[None]:
         ep.inflight += 1
-        gauge = self.metrics.upstream_inflight.labels(self.name) if self.metrics else None
+        gauge = self.metrics.inflight_gauge(self.name) if self.metrics else None
         if gauge:
             gauge.inc()
         try:
