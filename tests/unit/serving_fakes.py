@@ -67,6 +67,13 @@ class FakeWorkerPool:
         # Seconds each generation call takes (for deadline and overload tests).
         self.delay_s = 0.0
         self.ready = True
+        # DeepConf log-probabilities when a call asks for them: token confidence C of token t of the s-th sample this
+        # worker generated (top-k all equal to -C, so C is exact), and how many tokens each stream chunk carries.
+        self.confidence: Callable[[int, int], float] = lambda sample, token: 8.0
+        self.chunk_tokens = 1
+        self.sampled = 0
+        # Per stream: tokens sent, and whether the client read it to the end (False: it closed it early).
+        self.streams: list[dict[str, Any]] = []
 
     def generations(self) -> list[dict[str, Any]]:
         return [p for path, p in self.calls if path.startswith("/v1/")]
@@ -116,12 +123,23 @@ class FakeWorkerPool:
                 text, count, finish, stop_reason = self._write(prompt if isinstance(prompt, str) else "",
                                                                payload["max_tokens"], payload.get("stop"))
                 completion_total += count
-                choices.append({"index": p * n + j, "text": text, "finish_reason": finish, "logprobs": None,
+                choices.append({"index": p * n + j, "text": text, "finish_reason": finish,
+                                "logprobs": self._logprobs(text, payload.get("logprobs")),
                                 "token_ids": list(range(count)), "prompt_token_ids": prompt_ids,
                                 "stop_reason": stop_reason})
         return {"id": "cmpl-up", "object": "text_completion", "created": int(time.time()), "model": MODEL,
                 "choices": choices, "usage": {"prompt_tokens": prompt_total, "completion_tokens": completion_total,
                                               "total_tokens": prompt_total + completion_total}}
+
+    def _logprobs(self, text: str, k: int | None) -> dict[str, Any] | None:
+        sample, self.sampled = self.sampled, self.sampled + 1
+        if not k:
+            return None
+        pieces = words(text)
+        conf = [self.confidence(sample, t) for t in range(len(pieces))]
+        return {"tokens": pieces, "token_logprobs": [-c for c in conf],
+                "top_logprobs": [{f"t{j}": -c for j in range(k)} for c in conf],
+                "text_offset": [sum(len(x) for x in pieces[:t]) for t in range(len(pieces))]}
 
     def _chat(self, payload: dict[str, Any]) -> dict[str, Any]:
         prompt = render_chat(payload["messages"])
@@ -146,19 +164,32 @@ class FakeWorkerPool:
                     "created": body["created"], "model": MODEL}
             choice = body["choices"][0]
             text = choice["message"]["content"] if chat else choice["text"]
+            lp = choice.get("logprobs")
             if chat:
                 yield orjson.dumps(dict(base, choices=[{"index": 0, "delta": {"role": "assistant", "content": ""},
                                                         "finish_reason": None}])).decode()
-            for i, word in enumerate(words(text)):
+            pieces = words(text)
+            step = self.chunk_tokens if lp else 1
+            for i in range(0, len(pieces), step):
                 if self.fail_stream_after is not None and i >= self.fail_stream_after:
                     raise WorkerUnavailable("policy", "connection reset")
+                word = "".join(pieces[i:i + step])
                 piece = {"index": 0, "delta": {"content": word}} if chat else {"index": 0, "text": word}
+                if lp:  # as vLLM streams completions with logprobs and return_token_ids
+                    piece.update(logprobs={key: lp[key][i:i + step] for key in lp},
+                                 token_ids=list(range(i, min(i + step, len(pieces)))))
+                    if i == 0:
+                        piece["prompt_token_ids"] = choice["prompt_token_ids"]
+                record["sent"] = min(i + step, len(pieces))
                 yield orjson.dumps(dict(base, choices=[dict(piece, finish_reason=None)])).decode()
             last = {"index": 0, "delta": {}} if chat else {"index": 0, "text": ""}
             yield orjson.dumps(dict(base, choices=[dict(last, finish_reason=choice["finish_reason"])])).decode()
             yield orjson.dumps(dict(base, choices=[], usage=body["usage"])).decode()
+            record["finished"] = True
             yield "[DONE]"
 
+        record: dict[str, Any] = {"sent": 0, "finished": False, "payload": payload}
+        self.streams.append(record)
         yield events()
 
 
