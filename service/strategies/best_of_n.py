@@ -202,7 +202,10 @@ class BestOfN:
             params = sampling if problem.seed is not None else replace(sampling, seed=rng.randrange(2**31))
             size = min(p.warmup, n - len(samples))
             if stoppable and threshold is not None:
-                batch = await calls.generate_stoppable(problem.prompt, params, size, self._stop_check(threshold))
+                fitting = calls.affordable_separate(problem.prompt, params, size)
+                calls.exhausted = calls.exhausted or fitting < size
+                batch = await calls.generate_stoppable(problem.prompt, params, fitting,
+                                                       self._stop_check(threshold)) if fitting else None
             else:
                 out = await calls.generate([problem.prompt], params, size)
                 batch = out[0] if out is not None else None
@@ -212,8 +215,9 @@ class BestOfN:
             lowest = [trace_confidence(token_confidences(c), "lowest_group", p.confidence_window) for c in samples]
             if threshold is None:
                 threshold = warmup_threshold(lowest, p.eta) if lowest else 0.0
+            # Stoppable: the samples that were not stopped (as in the final vote); else the ones that would not be.
             voters = [Candidate.of(c.text, conf) for k, (c, conf) in enumerate(zip(samples, lowest))
-                      if k < p.warmup or (conf >= threshold and c.finish_reason != "abort")]
+                      if k < p.warmup or (c.finish_reason != "abort" if stoppable else conf >= threshold)]
             weights = {str(g[0]): sum(voters[i].score for i in g) for g in group_by_answer(voters)}
             share = consensus(weights) if weights else 0.0
             if share >= p.consensus:
@@ -248,9 +252,12 @@ class BestOfN:
             more = await calls.generate([problem.prompt], sampling, n - len(warm))
             return warm + (more[0] if more is not None else []), None
         threshold = warmup_threshold(lowest, p.eta)
+        # Separate requests may each prefill the prompt: fewer of them may fit than the batched estimate said.
+        size = calls.affordable_separate(problem.prompt, sampling, n - len(warm))
+        calls.exhausted = calls.exhausted or size < n - len(warm)
         # Seeded: sample k gets the seed it has in the one n=N call of the report-only mode (same traces).
-        rest = await calls.generate_stoppable(problem.prompt, sampling, n - len(warm), self._stop_check(threshold),
-                                              first_sample=len(warm))
+        rest = await calls.generate_stoppable(problem.prompt, sampling, size, self._stop_check(threshold),
+                                              first_sample=len(warm)) if size else []
         samples = warm + (rest or [])
         return samples, self._online_report(samples, threshold, sampling.max_tokens)
 

@@ -90,6 +90,17 @@ class BudgetedCalls:
         self.samples += len(completions)
         self.generated_tokens += sum(c.spent_tokens for c in completions)
 
+    def separate_estimate(self, prompt: str, params: SamplingParams, n: int) -> float:
+        """Worst case of n samples sent as n requests: each may prefill the prompt again (one n=N request
+        prefills it once, which is all `estimate_flops(..., n)` counts)."""
+        return n * self.policy.estimate_flops([prompt], params, 1)
+
+    def affordable_separate(self, prompt: str, params: SamplingParams, n: int) -> int:
+        """`affordable` for samples sent as separate requests (generate_stoppable)."""
+        while n > 0 and not self.budget.allows(self.separate_estimate(prompt, params, n)):
+            n -= 1
+        return n
+
     @property
     def can_stop(self) -> bool:
         """Whether the policy can abort single samples (the optional Policy.generate_stoppable)."""
@@ -105,7 +116,7 @@ class BudgetedCalls:
         instead of starting from a derived seed."""
         if hasattr(self.policy, "count_prompt_tokens"):
             await self.policy.count_prompt_tokens([prompt])
-        if n <= 0 or not self.fits(self.policy.estimate_flops([prompt], params, n)):
+        if n <= 0 or not self.fits(self.separate_estimate(prompt, params, n)):
             return None
         if self._seed is not None and first_sample is not None:
             params = replace(params, seed=(self._seed + first_sample) % (2**63))

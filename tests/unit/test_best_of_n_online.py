@@ -269,3 +269,33 @@ async def test_online_best_of_n_through_the_api_aborts_within_the_budget(stream)
     bound = sum(min(16, s["sent"] + ABORT_SLACK_TOKENS) for s in streams if not s["finished"])
     assert usage["completion_tokens"] == 4 * 9 + bound == online["tokens_generated"]
     assert usage["completion_tokens"] >= 4 * 9 + sum(s["sent"] for s in streams if not s["finished"])
+
+
+async def test_separate_requests_are_budgeted_with_one_prompt_each():
+    # One n=N request prefills the prompt once; N streamed requests may prefill it N times. The stoppable call is
+    # checked against the latter, so the meter (which charges each stream's prompt) cannot pass the budget.
+    from service.strategies.base import ComputeBudget
+    from service.strategies.calls import BudgetedCalls
+
+    pool = FakeWorkerPool(answer=lambda prompt: "a b c d e f g h")
+    meter = Meter()
+    policy = _policy(pool, meter)
+    params = SamplingParams(max_tokens=8, top_logprobs=2)
+    prompt = "a long prompt " * 20
+    await policy.count_prompt_tokens([prompt])
+    batched, one = policy.estimate_flops([prompt], params, 4), policy.estimate_flops([prompt], params, 1)
+    assert batched < 4 * one
+    calls = BudgetedCalls(policy, None, ComputeBudget(batched, lambda: meter.total_flops))
+    assert calls.affordable_separate(prompt, params, 4) < 4
+    assert await calls.generate_stoppable(prompt, params, 4, lambda i, top: False) is None and calls.exhausted
+    calls = BudgetedCalls(policy, None, ComputeBudget(4 * one, lambda: meter.total_flops))
+    out = await calls.generate_stoppable(prompt, params, 4, lambda i, top: False)
+    assert len(out) == 4 and meter.total_flops <= 4 * one and meter.policy.prompt_tokens == 4 * len(prompt)
+
+
+async def test_online_without_confidence_is_400_naming_the_field():
+    async with FakeRuntime(settings()).client() as client:
+        r = await client.post("/v1/chat/completions", json={
+            "model": "tiny", "messages": [{"role": "user", "content": "Hi"}],
+            "ttc": {"strategy": "best_of_n", "selection": "majority", "online": True}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "ttc.online"
