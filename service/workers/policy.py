@@ -21,10 +21,10 @@ from .pool import WorkerPool
 _TEMPLATE_FIELDS = ("messages", "tools", "chat_template", "chat_template_kwargs", "add_generation_prompt",
                     "continue_final_message")
 _COUNT_CACHE_SIZE = 8192
-# Tokens a stream may have cost beyond those the gateway read when it closed it: the rest of the chunk that stopped
-# it is counted as received; these are the ones already sent but unread and the ones decoded before vLLM noticed the
-# closed connection and aborted. An aborted sample is metered received + this (at most max_tokens). Measured against
-# vllm:generation_tokens_total on the bundled worker: see the README (DeepConf online).
+# Tokens a stream may have cost beyond those the gateway received when it closed it (the rest of the chunk that
+# stopped it and the chunks already buffered count as received): the ones still in the socket and the ones decoded
+# before vLLM noticed the closed connection and aborted. An aborted sample is metered received + this (at most
+# max_tokens). Measured against vllm:generation_tokens_total on the bundled worker: see the README (DeepConf online).
 ABORT_SLACK_TOKENS = 4
 
 
@@ -72,6 +72,18 @@ class _Stream:
         self.finish = choice.get("finish_reason") or self.finish
         reason = choice.get("stop_reason")
         self.stop_reason = reason if isinstance(reason, str) else self.stop_reason
+
+    def count_pending(self, events: Any) -> None:
+        """Tokens the worker had already sent when the sample was stopped, read or not: they were generated."""
+        for data in getattr(events, "pending", list)():
+            try:
+                chunk = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                continue
+            for choice in chunk.get("choices") or []:
+                ids = choice.get("token_ids")
+                tokens = ids if ids is not None else (choice.get("logprobs") or {}).get("tokens") or ()
+                self.received += len(tokens)
 
     def completion(self, spent: int) -> Completion:
         at = self.stopped_at
@@ -228,6 +240,7 @@ class MeteredPolicy:
                     for choice in chunk.get("choices") or []:
                         state.take(choice, i, should_stop)
                     if state.stopped_at is not None:
+                        state.count_pending(events)
                         break
         finally:
             # Metered on every exit (stopped, finished, broken, cancelled): never less than what was generated.

@@ -205,10 +205,10 @@ def _stop(window: int, threshold: float):
     return lambda i, top: monitors.setdefault(i, OnlineStop(window, threshold)).push(token_confidence(top))
 
 
-@pytest.mark.parametrize("chunk_tokens", [1, 3])
-async def test_metered_policy_streams_stops_and_meters_what_was_generated(chunk_tokens):
+@pytest.mark.parametrize("chunk_tokens,prefetch", [(1, 0), (3, 0), (1, 2)])
+async def test_metered_policy_streams_stops_and_meters_what_was_generated(chunk_tokens, prefetch):
     pool = FakeWorkerPool(answer=lambda prompt: "a b c d e f g h")
-    pool.chunk_tokens = chunk_tokens
+    pool.chunk_tokens, pool.prefetch = chunk_tokens, prefetch
     # Sample 0 (of this worker) turns unsure at its 4th token, sample 1 never.
     pool.confidence = lambda sample, token: 2.0 if sample == 0 and token >= 3 else 8.0
     meter = Meter()
@@ -219,8 +219,9 @@ async def test_metered_policy_streams_stops_and_meters_what_was_generated(chunk_
     stopped, full = out
     assert stopped.finish_reason == "abort" and stopped.token_count == 4 and stopped.text == "a b c d "
     assert stopped.top_logprobs == [[-8.0] * 3] * 3 + [[-2.0] * 3] and stopped.token_offsets == [0, 2, 4, 6]
+    # Received: up to the stopping token, the rest of its chunk, and the chunks that had arrived unread.
     sent = pool.streams[0]["sent"]
-    assert sent == (4 if chunk_tokens == 1 else 6) and pool.streams[0]["finished"] is False
+    assert sent == {(1, 0): 4, (3, 0): 6, (1, 2): 6}[chunk_tokens, prefetch] and pool.streams[0]["finished"] is False
     assert stopped.engine_tokens == min(8, sent + ABORT_SLACK_TOKENS) >= sent
     assert full.finish_reason == "stop" and full.token_count == 8 and full.engine_tokens is None
     assert pool.streams[1]["finished"] is True and full.text == "a b c d e f g h"
