@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Sequence
 
-from service.strategies.base import Completion, SamplingParams
+from service.strategies.base import Completion, SamplingParams, StopCheck
 from service.strategies.confidence import (METRICS, Metric, consensus, first_stop, group_confidences,  # noqa: F401
                                            squash, token_confidence, token_confidences, trace_confidence,
                                            warmup_threshold)
@@ -94,8 +94,12 @@ class RecordingPolicy:
 
     def __init__(self, inner, ledger: ConfidenceLedger, top_k: int):
         self.inner, self.ledger, self.top_k = inner, ledger, top_k
+        # The optional methods exist exactly when the inner policy has them (strategies test with hasattr); they
+        # must be defined here, or `__getattr__` would hand out the inner ones, which bypass the ledger.
         if hasattr(inner, "generate_multi"):
             self.generate_multi = self._generate_multi
+        if hasattr(inner, "generate_stoppable"):
+            self.generate_stoppable = self._generate_stoppable
 
     def __getattr__(self, name: str):  # counters such as `reused` of the sample-reusing policy
         return getattr(self.inner, name)
@@ -118,6 +122,13 @@ class RecordingPolicy:
     async def _generate_multi(self, prompts: Sequence[str], params: SamplingParams,
                               ns: Sequence[int]) -> list[list[Completion]]:
         return self._record(prompts, await self.inner.generate_multi(prompts, self._params(params), ns))
+
+
+    async def _generate_stoppable(self, prompt: str, params: SamplingParams, n: int,
+                                  should_stop: StopCheck) -> list[Completion]:
+        out = await self.inner.generate_stoppable(prompt, self._params(params), n, should_stop)
+        self._record([prompt], [out])
+        return out
 
 
 class ConfidenceReward:

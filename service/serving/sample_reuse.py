@@ -8,7 +8,7 @@ import dataclasses
 from typing import Sequence
 
 from ..cache import SampleStore, samples_key
-from ..strategies.base import Completion, SamplingParams
+from ..strategies.base import Completion, SamplingParams, StopCheck
 from ..workers.policy import MeteredPolicy
 
 
@@ -33,6 +33,12 @@ class SampleReusingPolicy:
     async def generate_multi(self, prompts: Sequence[str], params: SamplingParams,
                              ns: Sequence[int]) -> list[list[Completion]]:
         return await self.inner.generate_multi(prompts, params, ns)
+
+    async def generate_stoppable(self, prompt: str, params: SamplingParams, n: int,
+                                 should_stop: StopCheck) -> list[Completion]:
+        """Never pooled: these samples were stopped against this request's own threshold (an aborted one is a
+        fragment), and an unseeded request's warm-up may already have come from the pool."""
+        return await self.inner.generate_stoppable(prompt, params, n, should_stop)
 
     async def generate(self, prompts: Sequence[str], params: SamplingParams, n: int = 1) -> list[list[Completion]]:
         if len(prompts) != 1 or params.seed is not None or params.temperature == 0:

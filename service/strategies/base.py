@@ -41,10 +41,24 @@ class Completion:
     # where the token starts in `text` (character offset), so a step of the text can be mapped back to its tokens.
     top_logprobs: list[list[float]] | None = None
     token_offsets: list[int] | None = None
+    # A sample stopped mid-stream (finish_reason "abort") ends at the token that stopped it, but the engine generated
+    # more: tokens in the same chunk and the ones in flight while its request was aborted. This is that count (an
+    # upper bound), what was metered; None: token_count.
+    engine_tokens: int | None = None
 
     @property
     def hit_eos(self) -> bool:
         return self.finish_reason == "stop" and self.stop_reason is None
+
+    @property
+    def spent_tokens(self) -> int:
+        """The tokens this sample cost (metered and reported in usage)."""
+        return max(self.token_count, self.engine_tokens or 0)
+
+
+# should_stop(i, top): called after every token of sample i with that token's top-k log-probabilities; True stops
+# (aborts) sample i at that token.
+StopCheck = Callable[[int, Sequence[float]], bool]
 
 
 class Policy(Protocol):
@@ -64,6 +78,19 @@ class Policy(Protocol):
         Optional: strategies fall back to one `generate` call per distinct n (run concurrently) when a policy lacks it.
         With `params.seed` set, the samples of one prompt must still differ (vLLM offsets the seed per child of n>1;
         repeating a prompt as separate requests with one seed would repeat the same sample).
+        """
+        ...
+
+    async def generate_stoppable(
+        self, prompt: str, params: SamplingParams, n: int, should_stop: StopCheck
+    ) -> list[Completion]:
+        """`n` samples of one prompt that can be stopped one by one (DeepConf's online early termination): each is its
+        own streamed request, `should_stop` is asked after every token, and True aborts that request in the engine.
+
+        Optional: without it, best-of-N's online mode only reports what stopping would have saved. Needs
+        `params.top_logprobs` >= 1. A stopped sample ends with the token that stopped it (finish_reason "abort",
+        `engine_tokens` = what the engine generated, metered). With `params.seed` set, sample i is seeded
+        `seed + i`, as vLLM seeds the children of one n>1 request: distinct and reproducible.
         """
         ...
 

@@ -15,11 +15,18 @@ N: only the missing ones are drawn and scored, and the vote runs over all of the
 
 `selection: confidence` is DeepConf's offline mode (Fu et al. 2025): the samples come back with their top-k token
 log-probabilities (same engine call, no verifier, zero reward FLOPs), each gets a trace confidence, the eta % most
-confident are kept and vote weighted by confidence. The online mode's stopping threshold (from the first `warmup`
-samples) is computed and reported with the tokens it would have saved (details["online"]); the samples are not
-actually cut short, because one n=N vLLM request cannot abort single sequences. With `consensus` < 1, sampling is
-adaptive (DeepConf's other online saving): batches of `warmup` samples until the confidence-weighted vote is
-settled, so easy questions stop after a batch or two and pay only for what was drawn.
+confident are kept and vote weighted by confidence. The online mode's stopping threshold (the first `warmup` samples'
+lowest group confidences at the (100 - eta)th percentile) is always computed. Without `online`, it is only reported
+with the tokens it would have saved (details["online"], aborted False): one n=N request cannot abort single
+sequences. With `online` (and a policy that has the optional `generate_stoppable`), the warm-up is one batched call
+and every later sample is its own streamed request, aborted in the engine at the first token where its running
+group confidence falls below the threshold; the warm-up samples and the samples that ran to the end vote, weighted by
+confidence (aborted ones do not), and each sample is metered for what it generated. A seeded request gives sample k
+the seed vLLM gives child k of the one n=N call (distinct, reproducible; vLLM-CPU's samples also depend on the batch
+they run in, so the online and report-only modes do not draw identical traces: measured, README). With
+`consensus` < 1, sampling is adaptive (DeepConf's other online saving): batches of `warmup` samples until the
+confidence-weighted vote is settled, so easy questions stop after a batch or two and pay only for what was drawn
+(with `online`, the batches after the first are stoppable too).
 """
 
 from __future__ import annotations
@@ -29,7 +36,8 @@ import random
 from dataclasses import dataclass, replace
 from typing import Sequence
 
-from .confidence import consensus, first_stop, token_confidences, trace_confidence, warmup_threshold
+from .confidence import (OnlineStop, consensus, first_stop, token_confidence, token_confidences, trace_confidence,
+                         warmup_threshold)
 
 from .base import Completion, ComputeBudget, Policy, Problem, ProgressCallback, Reward, SamplingParams, StrategyResult
 from .calls import BudgetedCalls, build_result, empty_result, score_candidates, start_sampling
@@ -77,9 +85,12 @@ class BestOfN:
         if n == 0 and not old:
             return empty_result(calls)
         calls.exhausted = len(old) + n < p.n
-        adaptive = None
+        adaptive = online = None
         if p.selection == "confidence" and p.consensus < 1.0:
-            samples, adaptive = await self._adaptive(calls, problem, sampling, n)
+            samples, adaptive, online = await self._adaptive(calls, problem, sampling, n)
+            out = [samples] if samples else None
+        elif p.online and calls.can_stop and n > p.warmup:
+            samples, online = await self._stoppable(calls, problem, sampling, n)
             out = [samples] if samples else None
         else:
             out = await calls.generate([problem.prompt], sampling, n) if n else [[]]
@@ -89,7 +100,7 @@ class BestOfN:
             out = [[]]  # the prior samples still vote
         new = [Candidate.of(c.text, 1.0, c.finish_reason, c.token_count, extract) for c in out[0]]
         if p.selection == "confidence":
-            return await self._confidence_vote(calls, out[0], new, n, adaptive)
+            return await self._confidence_vote(calls, out[0], new, n, adaptive, online)
         selection = await score_candidates(calls, problem.question, new, p.selection, p.aggregation)
         if prior is not None and prior.scores is None:
             selection = "majority"
@@ -175,48 +186,113 @@ class BestOfN:
                 index[i] = g
         return index
 
-    async def _adaptive(self, calls, problem: Problem, sampling, n: int) -> tuple[list[Completion], dict]:
+    async def _adaptive(self, calls, problem: Problem, sampling, n: int) -> tuple[list[Completion], dict, dict | None]:
         """DeepConf's adaptive sampling: batches of `warmup` samples until the confidence-weighted vote is settled
         (the leading answer's share >= `consensus`) or n samples are drawn. After the warm-up batch, only samples
-        whose lowest group confidence reaches the warm-up threshold vote (the ones online stopping would keep)."""
+        whose lowest group confidence reaches the warm-up threshold vote (the ones online stopping would keep); with
+        `online`, those batches are stoppable and the others are aborted in the engine."""
         p = self.params
         samples: list[Completion] = []
         threshold, share = None, 0.0
+        stoppable = p.online and calls.can_stop
         rng = random.Random()
         while len(samples) < n:
             # Every batch must be new samples. A seeded request gets a derived seed per call (BudgetedCalls); an
             # unseeded one gets a fresh seed here, which also keeps the gateway's sample reuse (same prompt and
             # parameters -> the same pooled samples) from handing every batch the same ones.
             params = sampling if problem.seed is not None else replace(sampling, seed=rng.randrange(2**31))
-            out = await calls.generate([problem.prompt], params, min(p.warmup, n - len(samples)))
-            if out is None:
+            size = min(p.warmup, n - len(samples))
+            if stoppable and threshold is not None:
+                fitting = calls.affordable_separate(problem.prompt, params, size)
+                calls.exhausted = calls.exhausted or fitting < size
+                batch = await calls.generate_stoppable(problem.prompt, params, fitting,
+                                                       self._stop_check(threshold)) if fitting else None
+            else:
+                out = await calls.generate([problem.prompt], params, size)
+                batch = out[0] if out is not None else None
+            if batch is None:
                 break
-            samples += out[0]
+            samples += batch
             lowest = [trace_confidence(token_confidences(c), "lowest_group", p.confidence_window) for c in samples]
             if threshold is None:
                 threshold = warmup_threshold(lowest, p.eta) if lowest else 0.0
+            # Stoppable: the samples that were not stopped (as in the final vote); else the ones that would not be.
             voters = [Candidate.of(c.text, conf) for k, (c, conf) in enumerate(zip(samples, lowest))
-                      if k < p.warmup or conf >= threshold]
+                      if k < p.warmup or (c.finish_reason != "abort" if stoppable else conf >= threshold)]
             weights = {str(g[0]): sum(voters[i].score for i in g) for g in group_by_answer(voters)}
             share = consensus(weights) if weights else 0.0
             if share >= p.consensus:
                 break
+        online = self._online_report(samples, threshold, sampling.max_tokens) if stoppable and samples else None
         return samples, {"samples": len(samples), "consensus": round(share, 4), "settled": share >= p.consensus,
-                         "batches": calls.generate_calls}
+                         "batches": calls.generate_calls}, online
+
+    def _stop_check(self, threshold: float):
+        """should_stop for Policy.generate_stoppable: one running window per sample."""
+        window = self.params.confidence_window
+        monitors: dict[int, OnlineStop] = {}
+
+        def should_stop(i: int, top) -> bool:
+            monitor = monitors.get(i)
+            if monitor is None:
+                monitor = monitors[i] = OnlineStop(window, threshold)
+            return monitor.push(token_confidence(top))
+
+        return should_stop
+
+    async def _stoppable(self, calls, problem: Problem, sampling, n: int) -> tuple[list[Completion], dict | None]:
+        """DeepConf online: the warm-up batch sets the threshold, the other n - warmup samples are stoppable."""
+        p = self.params
+        out = await calls.generate([problem.prompt], sampling, p.warmup)
+        if out is None:
+            return [], None
+        warm = out[0]
+        lowest = [trace_confidence(token_confidences(c), "lowest_group", p.confidence_window) for c in warm]
+        lowest = [x for x, c in zip(lowest, warm) if c.top_logprobs]
+        if not lowest:  # no log-probabilities came back: nothing to stop on, the rest is drawn as usual
+            more = await calls.generate([problem.prompt], sampling, n - len(warm))
+            return warm + (more[0] if more is not None else []), None
+        threshold = warmup_threshold(lowest, p.eta)
+        # Separate requests may each prefill the prompt: fewer of them may fit than the batched estimate said.
+        size = calls.affordable_separate(problem.prompt, sampling, n - len(warm))
+        calls.exhausted = calls.exhausted or size < n - len(warm)
+        # Seeded: sample k gets the seed it has in the one n=N call of the report-only mode.
+        rest = await calls.generate_stoppable(problem.prompt, sampling, size, self._stop_check(threshold),
+                                              first_sample=len(warm)) if size else []
+        samples = warm + (rest or [])
+        return samples, self._online_report(samples, threshold, sampling.max_tokens)
+
+    def _online_report(self, samples: list[Completion], threshold: float | None, max_tokens: int) -> dict:
+        aborted = [c for c in samples if c.finish_reason == "abort"]
+        generated = sum(c.spent_tokens for c in samples)
+        return {"warmup": min(self.params.warmup, len(samples)),
+                "threshold": round(threshold, 4) if threshold is not None else None, "aborted": True,
+                "samples_aborted": len(aborted), "aborted_at": [c.token_count for c in aborted[:16]],
+                "tokens_generated": generated,
+                # An aborted sample would have run on for an unknown number of tokens: at most to max_tokens.
+                "tokens_without_abort_at_most": generated + sum(max(0, max_tokens - c.spent_tokens) for c in aborted)}
 
     async def _confidence_vote(self, calls, samples: list[Completion], candidates: list[Candidate],
-                               n: int, adaptive: dict | None = None) -> StrategyResult:
+                               n: int, adaptive: dict | None = None, online: dict | None = None) -> StrategyResult:
         p = self.params
         traces = [token_confidences(c) for c in samples]
         for candidate, conf in zip(candidates, traces):
             candidate.score = trace_confidence(conf, p.confidence_metric, p.confidence_window, p.confidence_tail)
-        keep = max(1, math.ceil(p.eta / 100.0 * len(candidates)))
-        # Stable: among equal confidences the earlier sample is kept.
-        kept = sorted(candidates, key=lambda c: -c.score)[:keep]
+        if online is not None:
+            # DeepConf online: the threshold already filtered; the samples it did not stop vote (all warm-up ones).
+            kept = [c for c, s in zip(candidates, samples) if s.finish_reason != "abort"]
+        else:
+            keep = max(1, math.ceil(p.eta / 100.0 * len(candidates)))
+            # Stable: among equal confidences the earlier sample is kept.
+            kept = sorted(candidates, key=lambda c: -c.score)[:keep]
+            online = self._online(traces, samples)
+            if p.online:
+                online["reason"] = ("the policy cannot abort single samples" if not calls.can_stop else
+                                    "nothing to stop: no sample after the warm-up or no log-probabilities")
         choice = await select_async(kept, "weighted")
         return build_result(calls, choice, p.selection, DEFAULT_STEP_DELIMITER, len(kept), selection_used="confidence",
                             n_used=n, confidences=[round(c.score, 4) for c in candidates[:16]],
-                            online=self._online(traces, samples), **({"adaptive": adaptive} if adaptive else {}))
+                            online=online, **({"adaptive": adaptive} if adaptive else {}))
 
     def _online(self, traces: list[list[float]], samples: list[Completion]) -> dict:
         """What online early termination would have done with these samples: the warm-up threshold and the tokens

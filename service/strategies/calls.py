@@ -12,7 +12,7 @@ from collections import defaultdict
 from dataclasses import replace
 from typing import Any, Sequence
 
-from .base import Completion, ComputeBudget, Policy, Reward, SamplingParams, StrategyResult
+from .base import Completion, ComputeBudget, Policy, Reward, SamplingParams, StopCheck, StrategyResult
 from .params import DEFAULT_STEP_DELIMITER
 from .steps import Node, split_steps
 from .voting import Candidate, Choice, aggregate_scores, select, select_async
@@ -82,8 +82,48 @@ class BudgetedCalls:
         else:
             out = await self._grouped(prompts, params, counts)
         for completions in out:
-            self.samples += len(completions)
-            self.generated_tokens += sum(c.token_count for c in completions)
+            self._count(completions)
+        return out
+
+    def _count(self, completions: Sequence[Completion]) -> None:
+        self.samples += len(completions)
+        self.generated_tokens += sum(c.spent_tokens for c in completions)
+
+    def separate_estimate(self, prompt: str, params: SamplingParams, n: int) -> float:
+        """Worst case of n samples sent as n requests: each may prefill the prompt again (one n=N request
+        prefills it once, which is all `estimate_flops(..., n)` counts)."""
+        return n * self.policy.estimate_flops([prompt], params, 1)
+
+    def affordable_separate(self, prompt: str, params: SamplingParams, n: int) -> int:
+        """`affordable` for samples sent as separate requests (generate_stoppable)."""
+        while n > 0 and not self.budget.allows(self.separate_estimate(prompt, params, n)):
+            n -= 1
+        return n
+
+    @property
+    def can_stop(self) -> bool:
+        """Whether the policy can abort single samples (the optional Policy.generate_stoppable)."""
+        return hasattr(self.policy, "generate_stoppable")
+
+    async def generate_stoppable(self, prompt: str, params: SamplingParams, n: int, should_stop: StopCheck,
+                                 first_sample: int | None = None) -> list[Completion] | None:
+        """`n` individually stoppable samples of `prompt`, or None if their worst case (all n run to max_tokens, as
+        if none were stopped) does not fit. The meter settles with what they really generated.
+
+        `first_sample`: with a request seed, sample i gets the seed of sample `first_sample + i` of the request's
+        first call (vLLM seeds the children of an n>1 request seed + i), so these samples continue that call's draws
+        instead of starting from a derived seed."""
+        if hasattr(self.policy, "count_prompt_tokens"):
+            await self.policy.count_prompt_tokens([prompt])
+        if n <= 0 or not self.fits(self.separate_estimate(prompt, params, n)):
+            return None
+        if self._seed is not None and first_sample is not None:
+            params = replace(params, seed=(self._seed + first_sample) % (2**63))
+        else:
+            params = self._params(params)
+        self.generate_calls += 1
+        out = await self.policy.generate_stoppable(prompt, params, n, should_stop)
+        self._count(out)
         return out
 
     async def _grouped(self, prompts: Sequence[str], params: SamplingParams, ns: list[int]) -> list[list[Completion]]:

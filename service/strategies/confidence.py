@@ -94,6 +94,24 @@ def first_stop(conf: Sequence[float], window: int, threshold: float) -> int | No
     return None
 
 
+class OnlineStop:
+    """`first_stop` one token at a time, for a trace that is still being generated: `push` each token's confidence;
+    it returns True at exactly the token where `first_stop` would end the trace (same arithmetic, same order)."""
+
+    def __init__(self, window: int, threshold: float):
+        self.window, self.threshold = window, threshold
+        self.conf: list[float] = []
+        self.running = 0.0
+
+    def push(self, c: float) -> bool:
+        i = len(self.conf)
+        self.conf.append(c)
+        self.running += c
+        if i >= self.window:
+            self.running -= self.conf[i - self.window]
+        return i >= self.window - 1 and self.running / self.window < self.threshold
+
+
 def consensus(weights: dict[str, float]) -> float:
     """DeepConf's beta: the leading answer's share of the confidence-weighted vote (adaptive sampling stops at tau)."""
     total = sum(weights.values())

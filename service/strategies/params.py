@@ -89,11 +89,14 @@ class BestOfNParams(_Sampled):
     confidence_window: int = Field(32, ge=1, le=4096, strict=True)
     confidence_tail: int = Field(32, ge=1, le=4096, strict=True)
     top_logprobs: int = Field(20, ge=1, le=20, strict=True)
-    # Online threshold (reported, see best_of_n): set from this many first samples at the eta percentile.
+    # Online threshold (see best_of_n): set from this many first samples at the eta percentile.
     warmup: int = Field(4, ge=1, strict=True)
     # Adaptive sampling: stop drawing batches of `warmup` samples once the leading answer holds this share of the
     # confidence-weighted vote (DeepConf's tau, 0.95 in the paper); 1 = draw all n in one call.
     consensus: float = Field(1.0, gt=0.5, le=1.0)
+    # DeepConf online: after the warm-up, every sample is its own request, aborted in the engine as soon as its
+    # running group confidence falls below the warm-up threshold (policies that cannot: reported only).
+    online: bool = Field(False, strict=True)
     # Early stopping (strategies/stopping.py, the same rule the bank replay measures): draw `round_size` samples at
     # a time and stop when the vote is settled (Adaptive-Consistency: the posterior probability that the leader is
     # the majority answer exceeds `stop_threshold`, from `stop_min_samples` samples on) or hopeless (after exactly
@@ -106,6 +109,18 @@ class BestOfNParams(_Sampled):
     hopeless_score: float = Field(0.2, gt=0.0, le=1.0)
     # 1 decides after every sample, as the replay does; larger rounds trade FLOPs for fewer engine calls.
     round_size: int = Field(1, ge=1, strict=True)
+
+    @field_validator("online")
+    @classmethod
+    def _online_after_warmup(cls, online: bool, info: ValidationInfo) -> bool:
+        if not online:
+            return online
+        if info.data.get("selection") != "confidence":
+            raise ValueError("needs selection 'confidence' (the threshold is a confidence)")
+        n, warmup = info.data.get("n"), info.data.get("warmup")
+        if n is not None and warmup is not None and warmup >= n:
+            raise ValueError(f"needs warmup < n (warmup {warmup}, n {n}): no sample would be left to stop")
+        return online
 
     @field_validator("stopping")
     @classmethod

@@ -10,8 +10,10 @@ import asyncio
 from collections import OrderedDict
 from typing import Any, Sequence
 
+import orjson
+
 from ..metering import Meter, ModelShape
-from ..strategies.base import Completion, SamplingParams
+from ..strategies.base import Completion, SamplingParams, StopCheck
 from .pool import WorkerPool
 
 
@@ -19,6 +21,11 @@ from .pool import WorkerPool
 _TEMPLATE_FIELDS = ("messages", "tools", "chat_template", "chat_template_kwargs", "add_generation_prompt",
                     "continue_final_message")
 _COUNT_CACHE_SIZE = 8192
+# Tokens a stream may have cost beyond those the gateway received when it closed it (the rest of the chunk that
+# stopped it and the chunks already buffered count as received): the ones still in the socket and the ones decoded
+# before vLLM noticed the closed connection and aborted. An aborted sample is metered received + this (at most
+# max_tokens). Measured against vllm:generation_tokens_total on the bundled worker: see the README (DeepConf online).
+ABORT_SLACK_TOKENS = 4
 
 
 def _top_logprobs(lp: dict[str, Any], k: int) -> dict[str, Any]:
@@ -29,6 +36,64 @@ def _top_logprobs(lp: dict[str, Any], k: int) -> dict[str, Any]:
     if offsets:
         offsets = [o - offsets[0] for o in offsets]  # relative to the start of this completion's text
     return {"top_logprobs": tops, "token_offsets": offsets or None}
+
+
+class _Stream:
+    """One stoppable sample as it arrives: its tokens' top-k log-probabilities, text and what to meter."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.tops: list[list[float]] = []
+        self.offsets: list[int] = []
+        self.pieces: list[str] = []  # token strings
+        self.text: list[str] = []  # streamed text deltas
+        self.received = 0
+        self.prompt_tokens: int | None = None
+        self.finish: str | None = None
+        self.stop_reason: str | None = None
+        self.stopped_at: int | None = None
+        self.usage: dict[str, Any] | None = None
+
+    def take(self, choice: dict[str, Any], i: int, should_stop: StopCheck) -> None:
+        if choice.get("prompt_token_ids"):
+            self.prompt_tokens = len(choice["prompt_token_ids"])
+        lp = choice.get("logprobs") or {}
+        ids = choice.get("token_ids")
+        self.received += len(ids) if ids is not None else len(lp.get("tokens") or ())
+        self.text.append(choice.get("text") or "")
+        for top, offset, piece in zip(lp.get("top_logprobs") or [], lp.get("text_offset") or [],
+                                      lp.get("tokens") or []):
+            self.tops.append(sorted((float(v) for v in (top or {}).values()), reverse=True)[: self.k])
+            self.offsets.append(int(offset))
+            self.pieces.append(piece)
+            if self.stopped_at is None and should_stop(i, self.tops[-1]):
+                self.stopped_at = len(self.tops)
+                break
+        self.finish = choice.get("finish_reason") or self.finish
+        reason = choice.get("stop_reason")
+        self.stop_reason = reason if isinstance(reason, str) else self.stop_reason
+
+    def count_pending(self, events: Any) -> None:
+        """Tokens the worker had already sent when the sample was stopped, read or not: they were generated."""
+        for data in getattr(events, "pending", list)():
+            try:
+                chunk = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                continue
+            for choice in chunk.get("choices") or []:
+                ids = choice.get("token_ids")
+                tokens = ids if ids is not None else (choice.get("logprobs") or {}).get("tokens") or ()
+                self.received += len(tokens)
+
+    def completion(self, spent: int) -> Completion:
+        at = self.stopped_at
+        offsets = [o - self.offsets[0] for o in self.offsets] if self.offsets else None
+        if at is None:
+            return Completion("".join(self.text), self.finish or "abort", self.received, self.stop_reason,
+                              top_logprobs=self.tops, token_offsets=offsets,
+                              engine_tokens=spent if spent > self.received else None)
+        return Completion("".join(self.pieces[:at]), "abort", at, None, top_logprobs=self.tops[:at],
+                          token_offsets=offsets[:at] if offsets else None, engine_tokens=spent)
 
 
 class PolicyClient:
@@ -148,6 +213,63 @@ class MeteredPolicy:
         await asyncio.gather(*(run(k, idx) for k, idx in groups.items()))
         return results
 
+    async def generate_stoppable(self, prompt: str, params: SamplingParams, n: int,
+                                 should_stop: StopCheck) -> list[Completion]:
+        """Policy.generate_stoppable: n concurrent streamed requests (continuous batching runs them together)."""
+        async with asyncio.TaskGroup() as group:  # one failure cancels the others (each meters what it generated)
+            tasks = [group.create_task(self._stoppable(prompt, params, i, should_stop)) for i in range(n)]
+        return [t.result() for t in tasks]
+
+    async def _stoppable(self, prompt: str, params: SamplingParams, i: int, should_stop: StopCheck) -> Completion:
+        """One streamed request; leaving the stream early closes its connection, which aborts it in vLLM."""
+        client = self.client
+        payload: dict[str, Any] = {
+            "model": client.model, "prompt": prompt, "n": 1, "max_tokens": params.max_tokens,
+            "temperature": params.temperature, "top_p": params.top_p, "return_token_ids": True,
+            "skip_special_tokens": True, "logprobs": max(1, params.top_logprobs), "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if params.stop:
+            payload["stop"] = list(params.stop)
+        if params.seed is not None:
+            payload["seed"] = (params.seed + i) % (2**63)  # as vLLM seeds the i-th child of one n>1 request
+        payload.update(self.extra_body)
+        state, opened = _Stream(max(1, params.top_logprobs)), False
+        try:
+            async with client.pool.stream("/v1/completions", payload) as events:
+                opened = True
+                async for data in events:
+                    if data == "[DONE]":
+                        break
+                    chunk = orjson.loads(data)
+                    if chunk.get("usage") and not chunk.get("choices"):
+                        state.usage = chunk["usage"]
+                    for choice in chunk.get("choices") or []:
+                        state.take(choice, i, should_stop)
+                    if state.stopped_at is not None:
+                        state.count_pending(events)
+                        break
+        finally:
+            # Metered on every exit (stopped, finished, broken, cancelled): never less than what was generated.
+            spent = self._meter_stream(state, prompt, params.max_tokens) if opened else 0
+        return state.completion(spent)
+
+    def _meter_stream(self, state: _Stream, prompt: str, max_tokens: int) -> int:
+        """Meters one streamed sample; returns the completion tokens metered. A stream that ended normally carries
+        vLLM's usage; one that did not is metered as received + ABORT_SLACK_TOKENS with its prompt uncached."""
+        usage = state.usage
+        if usage is not None and state.stopped_at is None:
+            completion = max(state.received, int(usage.get("completion_tokens") or 0))
+            plen = int(usage.get("prompt_tokens") or 0) or state.prompt_tokens or 0
+            cached = int(((usage.get("prompt_tokens_details") or {}).get("cached_tokens")) or 0)
+        else:
+            completion = min(max_tokens, state.received + ABORT_SLACK_TOKENS)
+            plen = state.prompt_tokens or self.client.prompt_tokens_bound(prompt)
+            cached = 0  # unknown without the final usage: the upper bound
+        self.meter.add_policy(self.client.shape.generation_flops(plen, cached, [completion]), plen, cached,
+                              completion)
+        return completion
+
     async def _request(self, prompts: list[str], params: SamplingParams, n: int) -> list[list[Completion]]:
         """One worker request per prompt, sent together (continuous batching merges them on the worker). Not one
         request with a list of prompts: vLLM 0.32 then reports the cached tokens of the last prompt only, which made
@@ -213,3 +335,4 @@ class MeteredPolicy:
             cached_total += hit
         completion = sum(c.token_count for c in comps)
         self.meter.add_policy(flops, plen * max(1, len(comps)), cached_total, completion)
+

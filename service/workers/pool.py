@@ -176,9 +176,9 @@ class WorkerPool:
         return body
 
     @asynccontextmanager
-    async def stream(self, path: str, payload: dict[str, Any]) -> AsyncIterator[AsyncIterator[str]]:
-        """POST and yield the SSE `data:` payloads as they arrive. Leaving the context before the end closes the
-        connection, which makes vLLM abort the generation (its client went away)."""
+    async def stream(self, path: str, payload: dict[str, Any]) -> AsyncIterator["SSEEvents"]:
+        """POST and yield the SSE `data:` payloads as they arrive (`SSEEvents`). Leaving the context before the end
+        closes the connection, which makes vLLM abort the generation (its client went away)."""
         ep = self._pick()
         async with self._track(ep):
             try:
@@ -191,7 +191,7 @@ class WorkerPool:
                 if resp.status >= 400:
                     self._decode(resp.status, await resp.read())
                 self._outcome("ok")
-                yield self._sse_data(resp, ep)
+                yield SSEEvents(self._sse_data(resp, ep), resp)
             finally:
                 if resp.content.at_eof():
                     resp.release()  # read to the end: the connection goes back to the pool
@@ -239,6 +239,25 @@ class WorkerPool:
 
     def status(self) -> dict[str, Any]:
         return {"ready": self.ready, "model": self.served_name, "workers": [e.as_dict() for e in self.endpoints]}
+
+
+class SSEEvents:
+    """Async iteration over a stream's `data:` payloads; `pending()` hands out, without waiting, the complete ones
+    that have already arrived but were not read (a stopped stream counts what the worker had sent)."""
+
+    def __init__(self, events: AsyncIterator[str], resp: aiohttp.ClientResponse):
+        self._events, self._resp = events, resp
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._events
+
+    def pending(self) -> list[str]:
+        try:
+            data = self._resp.content.read_nowait()
+        except (RuntimeError, *TRANSPORT_ERRORS):  # a reader is waiting, or the stream already broke
+            return []
+        return [line[5:].strip().decode("utf-8", "replace") for line in data.split(b"\n")[:-1]
+                if line.startswith(b"data:")]
 
 
 def _stale_connection(exc: BaseException) -> bool:

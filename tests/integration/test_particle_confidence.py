@@ -86,6 +86,57 @@ def test_confidence_selection_costs_no_reward_flops(base_url, model_name):
     assert r.json()["ttc"]["samples"] == adaptive["samples"] and float(r.headers["x-ttc-flops"]) <= budget
 
 
+# eta 10 keeps the top 10%: the threshold sits near the better warm-up sample, so most later samples are aborted.
+ONLINE = {"strategy": "best_of_n", "n": 8, "selection": "confidence", "online": True, "warmup": 2, "eta": 10,
+          "confidence_window": 8}
+# Tokens the worker may count beyond the meter (the meter's bound on an aborted stream should already cover them).
+COUNTER_SLACK = 2
+
+
+def _generation_tokens(worker_url: str, previous: float | None = None) -> float:
+    """The policy worker's own vllm:generation_tokens_total, once it stops moving (aborted streams' last steps)."""
+    import time
+
+    def read() -> float:
+        text = httpx.get(worker_url + "/metrics", timeout=10).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("vllm:generation_tokens_total"))
+
+    time.sleep(0.5)
+    value = read()
+    while previous is not None and value != previous:
+        previous = value
+        time.sleep(0.5)
+        value = read()
+    return value
+
+
+def test_confidence_online_aborts_samples_in_the_engine(gateway, model_name):
+    budget = 4.0e11
+    for stream, seed in ((False, 21), (True, 22)):
+        before = _generation_tokens(gateway.worker_url)
+        if stream:
+            text, last = _stream(gateway.base_url, model_name, ONLINE, budget, seed=seed)
+            ttc, usage = last["ttc"], last["usage"]
+        else:
+            r = _post(gateway.base_url, model_name, ONLINE, budget, seed=seed)
+            assert r.status_code == 200, r.text
+            assert float(r.headers["x-ttc-flops"]) <= budget
+            text, ttc, usage = r.json()["choices"][0]["message"]["content"], r.json()["ttc"], r.json()["usage"]
+        engine = _generation_tokens(gateway.worker_url, before) - before
+        assert text and usage["flops"] <= budget
+        online = ttc["details"]["online"]
+        assert online["aborted"] is True and online["samples_aborted"] >= 1 and online["threshold"] is not None
+        assert ttc["samples"] == 8 and ttc["details"]["candidates"] == 8 - online["samples_aborted"]
+        metered = ttc["tokens"]["policy_completion"]
+        assert usage["completion_tokens"] == metered == online["tokens_generated"]
+        assert metered < online["tokens_without_abort_at_most"]
+        # The worker generated no more than was metered (aborted streams: received + the in-flight bound).
+        print(f"online stream={stream}: worker {engine:.0f} tokens, metered {metered}, flops {usage['flops']:.3g}, "
+              f"aborted {online['samples_aborted']} at {online['aborted_at']}")
+        assert engine <= metered + COUNTER_SLACK, (engine, metered, online)
+
+
 @pytest.mark.parametrize("backend", ["confidence", "confidence*arith", "prm*confidence"])
 def test_confidence_reward_backend(spawn_gateway, model_name, backend):
     gw = spawn_gateway(TTC_REWARD_BACKEND=backend)
@@ -105,6 +156,7 @@ def test_confidence_reward_backend(spawn_gateway, model_name, backend):
     ({"strategy": "particle_filtering", "weight_temperature": 0}, "ttc.weight_temperature"),
     ({"strategy": "particle_filtering", "resampling": "stratified"}, "ttc.resampling"),
     ({"strategy": "best_of_n", "selection": "confidence", "eta": 0}, "ttc.eta"),
+    ({"strategy": "best_of_n", "selection": "majority", "online": True}, "ttc.online"),
 ])
 def test_bad_parameters_are_400(base_url, model_name, ttc, param):
     r = _post(base_url, model_name, ttc)

@@ -89,7 +89,8 @@ class FakePolicy:
         self.rng = random.Random(seed)
         self.calls: list[Call] = []
 
-    def _one(self, prompt: str, params: SamplingParams) -> Completion:
+    def _draw(self, prompt: str, params: SamplingParams) -> tuple[list[str], str, str | None]:
+        """(tokens, finish_reason, stop_reason) of one sample, before metering."""
         full = self.continuation(prompt, self.rng, params.temperature)
         cut, stop_reason = len(full), None
         for stop in params.stop:
@@ -100,13 +101,24 @@ class FakePolicy:
         finish = "stop"
         if len(words) > params.max_tokens:
             words, finish, stop_reason = words[: params.max_tokens], "length", None
-        self.meter.total += (len(tokens(prompt)) + len(words)) * self.flops_per_token
-        completion = Completion("".join(words), finish, len(words), stop_reason)
+        return words, finish, stop_reason
+
+    def _top(self, word: str, params: SamplingParams) -> list[float]:
+        # k equal log-probabilities of -C give token confidence exactly C.
+        return [-self.confidence(word)] * params.top_logprobs
+
+    def _completion(self, words: list[str], finish: str, stop_reason: str | None, params: SamplingParams,
+                    engine_tokens: int | None = None) -> Completion:
+        completion = Completion("".join(words), finish, len(words), stop_reason, engine_tokens=engine_tokens)
         if params.top_logprobs:
-            # k equal log-probabilities of -C give token confidence exactly C.
-            completion.top_logprobs = [[-self.confidence(w)] * params.top_logprobs for w in words]
+            completion.top_logprobs = [self._top(w, params) for w in words]
             completion.token_offsets = [sum(len(x) for x in words[:i]) for i in range(len(words))]
         return completion
+
+    def _one(self, prompt: str, params: SamplingParams) -> Completion:
+        words, finish, stop_reason = self._draw(prompt, params)
+        self.meter.total += (len(tokens(prompt)) + len(words)) * self.flops_per_token
+        return self._completion(words, finish, stop_reason, params)
 
     async def generate(self, prompts: Sequence[str], params: SamplingParams, n: int = 1) -> list[list[Completion]]:
         self.calls.append(Call(list(prompts), params, [n] * len(prompts)))
@@ -127,6 +139,35 @@ class FakeMultiPolicy(FakePolicy):
                              ns: Sequence[int]) -> list[list[Completion]]:
         self.calls.append(Call(list(prompts), params, list(ns)))
         return [[self._one(p, params) for _ in range(n)] for p, n in zip(prompts, ns)]
+
+
+class FakeStoppablePolicy(FakePolicy):
+    """Also implements the optional `generate_stoppable`: each sample is asked about token by token and stops when
+    told to. Like a real engine, it may decode `inflight` more tokens before the abort lands; they are metered."""
+
+    def __init__(self, *args, inflight: int = 0, **kw):
+        super().__init__(*args, **kw)
+        self.inflight = inflight
+        self.sample_seeds: list[int | None] = []
+        self.generated = 0  # tokens decoded by generate_stoppable, in-flight ones included
+
+    async def generate_stoppable(self, prompt: str, params: SamplingParams, n: int,
+                                 should_stop: Callable[[int, Sequence[float]], bool]) -> list[Completion]:
+        assert params.top_logprobs >= 1
+        self.calls.append(Call([prompt], params, [n]))
+        out = []
+        for i in range(n):
+            self.sample_seeds.append(None if params.seed is None else params.seed + i)
+            words, finish, stop_reason = self._draw(prompt, params)
+            at = next((j + 1 for j, w in enumerate(words) if should_stop(i, self._top(w, params))), None)
+            decoded = len(words) if at is None else min(len(words), at + self.inflight)
+            self.generated += decoded
+            self.meter.total += (len(tokens(prompt)) + decoded) * self.flops_per_token
+            if at is None:
+                out.append(self._completion(words, finish, stop_reason, params))
+            else:
+                out.append(self._completion(words[:at], "abort", None, params, engine_tokens=decoded))
+        return out
 
 
 def keyword_score(step: str) -> float:

@@ -67,6 +67,15 @@ class FakeWorkerPool:
         # Seconds each generation call takes (for deadline and overload tests).
         self.delay_s = 0.0
         self.ready = True
+        # DeepConf log-probabilities when a call asks for them: token confidence C of token t of the s-th sample this
+        # worker generated (top-k all equal to -C, so C is exact), and how many tokens each stream chunk carries.
+        self.confidence: Callable[[int, int], float] = lambda sample, token: 8.0
+        self.chunk_tokens = 1
+        # Chunks a stream had already delivered, unread, when its reader stopped (what pending() hands out).
+        self.prefetch = 0
+        self.sampled = 0
+        # Per stream: tokens sent, and whether the client read it to the end (False: it closed it early).
+        self.streams: list[dict[str, Any]] = []
 
     def generations(self) -> list[dict[str, Any]]:
         return [p for path, p in self.calls if path.startswith("/v1/")]
@@ -116,12 +125,23 @@ class FakeWorkerPool:
                 text, count, finish, stop_reason = self._write(prompt if isinstance(prompt, str) else "",
                                                                payload["max_tokens"], payload.get("stop"))
                 completion_total += count
-                choices.append({"index": p * n + j, "text": text, "finish_reason": finish, "logprobs": None,
+                choices.append({"index": p * n + j, "text": text, "finish_reason": finish,
+                                "logprobs": self._logprobs(text, payload.get("logprobs")),
                                 "token_ids": list(range(count)), "prompt_token_ids": prompt_ids,
                                 "stop_reason": stop_reason})
         return {"id": "cmpl-up", "object": "text_completion", "created": int(time.time()), "model": MODEL,
                 "choices": choices, "usage": {"prompt_tokens": prompt_total, "completion_tokens": completion_total,
                                               "total_tokens": prompt_total + completion_total}}
+
+    def _logprobs(self, text: str, k: int | None) -> dict[str, Any] | None:
+        sample, self.sampled = self.sampled, self.sampled + 1
+        if not k:
+            return None
+        pieces = words(text)
+        conf = [self.confidence(sample, t) for t in range(len(pieces))]
+        return {"tokens": pieces, "token_logprobs": [-c for c in conf],
+                "top_logprobs": [{f"t{j}": -c for j in range(k)} for c in conf],
+                "text_offset": [sum(len(x) for x in pieces[:t]) for t in range(len(pieces))]}
 
     def _chat(self, payload: dict[str, Any]) -> dict[str, Any]:
         prompt = render_chat(payload["messages"])
@@ -137,29 +157,64 @@ class FakeWorkerPool:
                                               "total_tokens": len(prompt) + completion_total}}
 
     @asynccontextmanager
-    async def stream(self, path: str, payload: dict[str, Any]) -> AsyncIterator[AsyncIterator[str]]:
+    async def stream(self, path: str, payload: dict[str, Any]) -> AsyncIterator["_Events"]:
         body = await self.post_json(path, payload)
         chat = path == "/v1/chat/completions"
 
         async def events() -> AsyncIterator[str]:
-            base = {"id": body["id"], "object": "chat.completion.chunk" if chat else "text_completion",
-                    "created": body["created"], "model": MODEL}
-            choice = body["choices"][0]
-            text = choice["message"]["content"] if chat else choice["text"]
             if chat:
                 yield orjson.dumps(dict(base, choices=[{"index": 0, "delta": {"role": "assistant", "content": ""},
                                                         "finish_reason": None}])).decode()
-            for i, word in enumerate(words(text)):
+            for i in range(0, len(pieces), step):
                 if self.fail_stream_after is not None and i >= self.fail_stream_after:
                     raise WorkerUnavailable("policy", "connection reset")
-                piece = {"index": 0, "delta": {"content": word}} if chat else {"index": 0, "text": word}
-                yield orjson.dumps(dict(base, choices=[dict(piece, finish_reason=None)])).decode()
+                if i < record["sent"]:
+                    continue  # already handed out by pending()
+                record["sent"] = min(i + step, len(pieces))
+                yield chunk_at(i)
             last = {"index": 0, "delta": {}} if chat else {"index": 0, "text": ""}
             yield orjson.dumps(dict(base, choices=[dict(last, finish_reason=choice["finish_reason"])])).decode()
             yield orjson.dumps(dict(base, choices=[], usage=body["usage"])).decode()
+            record["finished"] = True
             yield "[DONE]"
 
-        yield events()
+        base = {"id": body["id"], "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": body["created"], "model": MODEL}
+        choice = body["choices"][0]
+        text = choice["message"]["content"] if chat else choice["text"]
+        lp = choice.get("logprobs")
+        pieces = words(text)
+        step = self.chunk_tokens if lp else 1
+
+        def chunk_at(i: int) -> str:
+            word = "".join(pieces[i:i + step])
+            piece = {"index": 0, "delta": {"content": word}} if chat else {"index": 0, "text": word}
+            if lp:  # as vLLM streams completions with logprobs and return_token_ids
+                piece.update(logprobs={key: lp[key][i:i + step] for key in lp},
+                             token_ids=list(range(i, min(i + step, len(pieces)))))
+                if i == 0:
+                    piece["prompt_token_ids"] = choice["prompt_token_ids"]
+            return orjson.dumps(dict(base, choices=[dict(piece, finish_reason=None)])).decode()
+
+        def pending() -> list[str]:
+            """The next `prefetch` chunks, as if they had arrived unread (WorkerPool's SSEEvents.pending)."""
+            out = []
+            for i in range(record["sent"], min(len(pieces), record["sent"] + self.prefetch * step), step):
+                out.append(chunk_at(i))
+                record["sent"] = min(i + step, len(pieces))
+            return out
+
+        record: dict[str, Any] = {"sent": 0, "finished": False, "payload": payload}
+        self.streams.append(record)
+        yield _Events(events(), pending)
+
+
+class _Events:
+    def __init__(self, events: AsyncIterator[str], pending: Callable[[], list[str]]):
+        self._events, self.pending = events, pending
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._events
 
 
 def worker_error(status: int, message: str = "bad request") -> WorkerError:

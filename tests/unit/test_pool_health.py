@@ -80,3 +80,39 @@ async def test_a_stale_pooled_connection_is_retried_once():
     finally:
         await pool.close()
         await runner.cleanup()
+
+
+async def test_a_stream_left_early_hands_out_what_arrived_and_drops_the_connection():
+    gone = asyncio.Event()
+
+    async def health(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        try:
+            for i in range(4):
+                await resp.write(f"data: {i}\n\n".encode())
+            await resp.write(b"data: 4 partial")  # an event that has not fully arrived
+            for _ in range(100):  # the worker keeps generating until it notices its client went away
+                await asyncio.sleep(0.05)
+                await resp.write(b"x")
+        except (ConnectionResetError, asyncio.CancelledError):
+            gone.set()
+        return resp
+
+    runner, url = await _server(health, completions)
+    pool = WorkerPool.from_urls("policy", "m", [url], connect_timeout_s=0.5)
+    try:
+        await pool.check_health()
+        async with pool.stream("/v1/completions", {"stream": True}) as events:
+            async for data in events:
+                assert data == "0"
+                await asyncio.sleep(0.2)  # the next events arrive meanwhile, unread
+                assert events.pending() == ["1", "2", "3"]
+                break
+        await asyncio.wait_for(gone.wait(), 5)  # closing the stream early dropped the connection
+    finally:
+        await pool.close()
+        await runner.cleanup()
