@@ -141,7 +141,7 @@ class PRMClient(CachedStepScorer):
         super().__init__(pool, shape, cache, cache_ttl_s)
         self.head = head
         if not isinstance(tokenizer, PRMTokenizer):
-            tokenizer = PRMTokenizer(tokenizer, system=head.metadata.get("system"), delimiter=head.delimiter)
+            tokenizer = PRMTokenizer.for_head(tokenizer, head)
         self.tokenizer = tokenizer
         self.delimiter = tokenizer.delimiter
         self.max_model_len = max_model_len
