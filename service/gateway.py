@@ -80,6 +80,20 @@ def check_head_layers(layers: int | None, served: int, what: str, model: str) ->
                          f"the head on this model")
 
 
+def stale_table_head(fitted: str | None, head: Path) -> str | None:
+    """Why a policy table fitted with PRM head `fitted` routes badly with `head`, or None. Its probe bins are
+    thresholds on its head's scores; another head's scores sit on another scale. Warned, not refused: the table still
+    routes, only less well, until it is refitted."""
+    import hashlib
+
+    served = f"{head.name} sha256:{hashlib.sha256(head.read_bytes()).hexdigest()[:16]}" if head.is_file() else None
+    if not fitted or fitted == served:
+        return None
+    return (f"was fitted with PRM head {fitted}, the gateway serves {served}: its difficulty bins are on the other "
+            f"head's score scale; refit it (`ttc-gateway calibrate`, or a sample bank and `ttc-gateway replay "
+            f"--table-out`)")
+
+
 class Gateway:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -105,6 +119,8 @@ class Gateway:
         if "prm" in settings.reward_backend:
             self.reward_pool = self._build_pool("reward", settings.reward, reward_model(settings))
             self.prm = self._build_prm(self.reward_pool)
+        if self.policy_table is not None and isinstance(self.prm, PRMClient):
+            self._check_table_head(table_path)
         if self.policy_table is not None and self.policy_table.hidden_head and isinstance(self.prm, PRMClient):
             from .router.hidden_difficulty import load_head
 
@@ -117,6 +133,12 @@ class Gateway:
         self.serving = Serving(settings, self.policy, self.admission, self.quota, self.metrics, self.response_cache,
                                self.sample_store, self.reward_for, self.policy_table, status_of,
                                draining=lambda: self.draining, prompt_encoder=self.prompt_encoder)
+
+    def _check_table_head(self, table_path: Path) -> None:
+        fitted = self.policy_table.models.get("reward_head") if self.policy_table else None
+        problem = stale_table_head(fitted, Path(self.settings.prm_head_path or DEFAULT_PRM_HEAD))
+        if problem:
+            log.warning("policy table %s %s", table_path, problem)
 
     def _build_prm(self, pool: WorkerPool) -> CachedStepScorer:
         from .models.prm_head import PRMHead, PRMTokenizer

@@ -160,3 +160,15 @@ def test_gateway_serves_the_depth_the_head_was_trained_on(tmp_path):
     check_head_layers(None, 30, "head", "m")
     with pytest.raises(ValueError, match="after 10 layers.*has 30"):
         check_head_layers(10, 30, "PRM head h10.npz", "/m")
+
+
+def test_a_table_fitted_with_another_head_is_flagged(tmp_path):
+    import hashlib
+
+    from service.gateway import stale_table_head
+
+    head = _save_head(tmp_path / "prm_head.npz", 10)
+    same = f"prm_head.npz sha256:{hashlib.sha256(head.read_bytes()).hexdigest()[:16]}"
+    assert stale_table_head(same, head) is None and stale_table_head(None, head) is None
+    msg = stale_table_head("prm_head.npz sha256:4671b528731e37bb", head)
+    assert msg and "4671b528731e37bb" in msg and same in msg and "refit" in msg
