@@ -382,9 +382,8 @@ def report_main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="prm-report")
     ap.add_argument("--head", default="service/data/prm_head_smollm2.npz")
     ap.add_argument("--json", default=None)
-    ap.add_argument("rest", nargs=argparse.REMAINDER, help="train_prm arguments (work dir, datasets, eval sizes)")
-    a = ap.parse_args(argv)
-    args = parse_args(a.rest)
+    a, rest = ap.parse_known_args(argv)  # the rest: train_prm arguments (work dir, datasets, eval sizes, workers)
+    args = parse_args(rest)
 
     head = PRMHead.load(a.head)
     args.prompt = head.prompt  # the layout the head was trained on; the PRM worker must serve its depth
