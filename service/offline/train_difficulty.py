@@ -1,6 +1,6 @@
 """`ttc-gateway train-difficulty`: fit the zero-decode difficulty head (router.hidden_difficulty) on a sample bank.
 
-Per bank problem, one /pooling call on the reward worker returns the final-layer hidden states of the bare question
+Per bank problem, one /pooling call on the reward worker returns the last-layer hidden states of the bare question
 (`PRMClient.encode_question`, exactly what `auto` calls when serving); they are cached next to the bank, so a rerun
 only encodes new problems. Labels come from the bank: pass@1 (share of the 32 samples that are correct) and the mean
 last-step verifier score of the samples (smoother; it is the statistic the probe estimates). Problems are split by a
