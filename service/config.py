@@ -27,6 +27,12 @@ def default_models_dir() -> Path:
     return Path(base) / "ttc-gateway" / "models"
 
 
+def truncated_model_name(name: str, layers: int | None) -> str:
+    """Folder of the first-`layers` copy of a bundled model, which the reward worker serves (prepare-models writes
+    it); the model's own folder when None."""
+    return name if not layers else f"{name}-{layers}l"
+
+
 class WorkerPoolSettings(BaseModel):
     """One pool of vLLM OpenAI servers serving the same model (policy or reward)."""
 

@@ -15,7 +15,7 @@ from .api.app import create_app
 from .api.errors import status_of
 from .api.middleware import FrontDoor
 from .cache import SampleStore, build_cache
-from .config import RewardPoolSettings, Settings, WorkerPoolSettings
+from .config import RewardPoolSettings, Settings, WorkerPoolSettings, truncated_model_name
 from .metering import Meter, ModelShape
 from .metrics import Metrics
 from .rewards import ArithmeticReward, ConfidenceReward, ProductReward
@@ -43,10 +43,21 @@ def policy_model(settings: Settings) -> str:
     return settings.policy.model or str(settings.models_dir / settings.policy.served_name)
 
 
+def reward_layers(settings: Settings) -> int | None:
+    """The decoder layers the bundled reward worker serves: as many as the learned head was trained on (its
+    metadata), None for all of them (a head without the field, or a step-tag PRM)."""
+    from .models.prm_head import PRMHead
+
+    head = Path(settings.prm_head_path or DEFAULT_PRM_HEAD)
+    return PRMHead.load(head).layers if settings.reward.format == "head" and head.is_file() else None
+
+
 def reward_model(settings: Settings) -> str:
     """The reward worker's model. The bundled PRM head reads the bundled policy model's hidden states, so by default
-    the reward worker serves that same model (as a pooling runner)."""
-    return settings.reward.model or str(settings.models_dir / settings.policy.served_name)
+    the reward worker serves that same model (as a pooling runner), cut to the first `reward_layers` layers (the
+    folder `ttc-gateway prepare-models` writes)."""
+    name = truncated_model_name(settings.policy.served_name, reward_layers(settings))
+    return settings.reward.model or str(settings.models_dir / name)
 
 
 def load_shape(model: str, config_path: str) -> ModelShape:
@@ -58,6 +69,29 @@ def load_shape(model: str, config_path: str) -> ModelShape:
     from huggingface_hub import hf_hub_download
 
     return ModelShape.from_path(hf_hub_download(model, "config.json"))
+
+
+def check_head_layers(layers: int | None, served: int, what: str, model: str) -> None:
+    """A head reads the hidden states of a given depth; any other depth gives plausible-looking garbage scores, so
+    the gateway refuses to start instead (None: a head from before truncated reward models, unchecked)."""
+    if layers is not None and layers != served:
+        raise ValueError(f"{what} was trained on the states after {layers} layers, but the reward model {model} has "
+                         f"{served}: run `ttc-gateway prepare-models` and leave TTC_REWARD__MODEL unset, or retrain "
+                         f"the head on this model")
+
+
+def stale_table_head(fitted: str | None, head: Path) -> str | None:
+    """Why a policy table fitted with PRM head `fitted` routes badly with `head`, or None. Its probe bins are
+    thresholds on its head's scores; another head's scores sit on another scale. Warned, not refused: the table still
+    routes, only less well, until it is refitted."""
+    import hashlib
+
+    served = f"{head.name} sha256:{hashlib.sha256(head.read_bytes()).hexdigest()[:16]}" if head.is_file() else None
+    if not fitted or fitted == served:
+        return None
+    return (f"was fitted with PRM head {fitted}, the gateway serves {served}: its difficulty bins are on the other "
+            f"head's score scale; refit it (`ttc-gateway calibrate`, or a sample bank and `ttc-gateway replay "
+            f"--table-out`)")
 
 
 class Gateway:
@@ -86,12 +120,26 @@ class Gateway:
         if "prm" in settings.reward_backend:
             self.reward_pool = self._build_pool("reward", settings.reward, reward_model(settings))
             self.prm = self._build_prm(self.reward_pool)
+        if self.policy_table is not None and isinstance(self.prm, PRMClient):
+            self._check_table_head(table_path)
+        if self.policy_table is not None and self.policy_table.hidden_head and isinstance(self.prm, PRMClient):
+            from .router.hidden_difficulty import load_head
+
+            path = self.policy_table.hidden_head["path"]
+            check_head_layers(load_head(path).metadata.get("layers"), self.prm.shape.n_layer,
+                              f"difficulty head {path}", reward_model(settings))
         self.draining = False
         self.started_at = int(time.time())
         self._health_task: asyncio.Task | None = None
         self.serving = Serving(settings, self.policy, self.admission, self.quota, self.metrics, self.response_cache,
                                self.sample_store, self.reward_for, self.policy_table, status_of,
                                draining=lambda: self.draining, prompt_encoder=self.prompt_encoder)
+
+    def _check_table_head(self, table_path: Path) -> None:
+        fitted = self.policy_table.models.get("reward_head") if self.policy_table else None
+        problem = stale_table_head(fitted, Path(self.settings.prm_head_path or DEFAULT_PRM_HEAD))
+        if problem:
+            log.warning("policy table %s %s", table_path, problem)
 
     def _build_prm(self, pool: WorkerPool) -> CachedStepScorer:
         from .models.prm_head import PRMHead, PRMTokenizer
@@ -102,10 +150,13 @@ class Gateway:
             return StepTagPRMClient(pool, load_shape(model, s.reward.config_path),
                                     StepTagFormat.from_settings(s.reward), cache=self.cache,
                                     cache_ttl_s=s.cache_prm_ttl_s, max_model_len=s.reward.max_model_len)
-        head = PRMHead.load(s.prm_head_path or DEFAULT_PRM_HEAD)
-        tokenizer = PRMTokenizer.from_model_dir(model, system=head.metadata.get("system"), delimiter=head.delimiter)
-        return PRMClient(pool, load_shape(model, s.reward.config_path), head, tokenizer, cache=self.cache,
-                         cache_ttl_s=s.cache_prm_ttl_s, max_model_len=s.reward.max_model_len)
+        head_path = s.prm_head_path or DEFAULT_PRM_HEAD
+        head = PRMHead.load(head_path)
+        shape = load_shape(model, s.reward.config_path)
+        check_head_layers(head.layers, shape.n_layer, f"PRM head {head_path}", model)
+        tokenizer = PRMTokenizer.from_model_dir(model, head)
+        return PRMClient(pool, shape, head, tokenizer, cache=self.cache, cache_ttl_s=s.cache_prm_ttl_s,
+                         max_model_len=s.reward.max_model_len)
 
     def _build_pool(self, role: str, pool_settings: WorkerPoolSettings, model_dir: str) -> WorkerPool:
         s = self.settings

@@ -38,6 +38,16 @@ def prepared_policy_dir() -> Path:
     return prepare("smollm2-135m-instruct", models_dir())
 
 
+@pytest.fixture(scope="session")
+def prepared_reward_dir(prepared_policy_dir: Path) -> Path:
+    """What the gateway's reward worker serves by default: the policy model cut to the shipped PRM head's depth."""
+    from service.config import Settings
+    from service.gateway import reward_layers
+    from service.offline.prepare_models import prepare_reward
+
+    return prepare_reward("smollm2-135m-instruct", reward_layers(Settings(models_dir=models_dir())), models_dir())
+
+
 class GatewayProcess:
     def __init__(self, env_overrides: dict[str, str], log_path: Path):
         self.port = free_port()

@@ -1,11 +1,15 @@
 """A small process reward head on the policy model's own hidden states (SmolLM2-135M), and the token layout it reads.
 
-Layout (`format_for_prm`): the chat template of [system = the solving instruction, user = question] with the
-generation prompt, then every step as its own tokenised segment `step + delimiter`. Token ids are built segment by
+Layout (`format_for_prm`): the question prompt, then every step as its own tokenised segment `step + delimiter`.
+The prompt is the head's `prompt` (metadata): "chat" = the chat template of [system = the head's `system`, user =
+question] with the generation prompt (heads before the short layout: system = the solving instruction), or "bare" =
+the question text and one delimiter, no template (fewer tokens per candidate: the pooling worker re-reads the prompt
+for every candidate, PREFIX_CACHE_FINDING in service/workers/reward.py). Token ids are built segment by
 segment, so the position where each step ends is exact (no re-tokenisation of the joined text that could merge a step's
 last token with the next step's first) and the same ids go to the pooling worker: the worker never tokenises.
 
-Features per step (from the final-layer hidden states the pooling worker returns, one 576-vector per token):
+Features per step (from the last-layer hidden states the pooling worker returns, one 576-vector per token; the worker
+may serve only the first `layers` (metadata) of the model's layers):
     [h at the step's last token (the delimiter), mean of h over the step's tokens, mean of h over all solution tokens
      so far]
 The head standardises them (mean/std from training) and applies a logistic layer, or a one-hidden-layer MLP when the
@@ -24,6 +28,7 @@ import numpy as np
 
 FORMAT_VERSION = 1
 FEATURES = ("last", "step_mean", "prefix_mean")
+PROMPTS = ("chat", "bare")
 
 
 @dataclass
@@ -49,29 +54,41 @@ def normalise_step(step: str, delimiter: str) -> str:
 class PRMTokenizer:
     """Builds PRM layouts with the model folder's tokenizer; prompt ids are memoised per question."""
 
-    def __init__(self, tokenizer: Any, system: str | None = None, delimiter: str = "\n"):
+    def __init__(self, tokenizer: Any, system: str | None = None, delimiter: str = "\n", prompt: str = "chat"):
         self.tokenizer = tokenizer
         if system is None:
             from ..prompts import SYSTEM as system  # noqa: N811
+        if prompt not in PROMPTS:
+            raise ValueError(f"PRM prompt {prompt!r}: one of {PROMPTS}")
         self.system = system
         self.delimiter = delimiter
+        self.prompt = prompt
         self._prompt_cache: dict[str, list[int]] = {}
         self._step_cache: dict[str, list[int]] = {}
 
     @classmethod
-    def from_model_dir(cls, model_dir: str | Path, **kw: Any) -> "PRMTokenizer":
+    def from_model_dir(cls, model_dir: str | Path, head: "PRMHead | None" = None, **kw: Any) -> "PRMTokenizer":
         from transformers import AutoTokenizer
 
-        return cls(AutoTokenizer.from_pretrained(str(model_dir)), **kw)
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        return cls.for_head(tokenizer, head) if head is not None else cls(tokenizer, **kw)
+
+    @classmethod
+    def for_head(cls, tokenizer: Any, head: "PRMHead") -> "PRMTokenizer":
+        """The layout `head` was trained on (its metadata: system, delimiter, prompt)."""
+        return cls(tokenizer, system=head.metadata.get("system"), delimiter=head.delimiter, prompt=head.prompt)
 
     def prompt_ids(self, question: str) -> list[int]:
         ids = self._prompt_cache.get(question)
-        if ids is None:
+        if ids is None and self.prompt == "bare":
+            ids = list(self.tokenizer.encode(question.strip() + self.delimiter, add_special_tokens=False))
+        elif ids is None:
             messages = [{"role": "system", "content": self.system}, {"role": "user", "content": question.strip()}]
             ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
             if isinstance(ids, dict) or hasattr(ids, "keys"):  # BatchEncoding in some transformers versions
                 ids = ids["input_ids"]
             ids = list(ids)
+        if question not in self._prompt_cache:
             if len(self._prompt_cache) > 4096:
                 self._prompt_cache.clear()
             self._prompt_cache[question] = ids
@@ -146,6 +163,15 @@ class PRMHead:
     @property
     def delimiter(self) -> str:
         return str(self.metadata.get("step_delimiter", "\n"))
+
+    @property
+    def prompt(self) -> str:
+        return str(self.metadata.get("prompt", "chat"))
+
+    @property
+    def layers(self) -> int | None:
+        """The decoder layers the reward worker serves for this head (the first k); None: all (older heads)."""
+        return int(self.metadata["layers"]) if self.metadata.get("layers") else None
 
     @property
     def version(self) -> str:

@@ -292,7 +292,8 @@ def add_parser(sub: Any) -> None:
                    help="let the table choose early stopping inside best-of-N (the Beta p>0.95 rules measured below)")
     p.add_argument("--difficulty-head", help="zero-decode head (.npz from `ttc-gateway train-difficulty`): fit the "
                                              "table on its predictions (estimator hidden)")
-    p.add_argument("--features", help="the head's hidden-state cache (default: the bank path + .hidden.npz)")
+    p.add_argument("--features", help="the head's hidden-state cache (default: the bank path + "
+                                                                 ".hidden-<layers>l.npz)")
     p.set_defaults(func=main)
 
 
@@ -340,7 +341,7 @@ def plot_replay(rep: dict[str, Any], path: Path) -> bool:
 
 def hidden_inputs(args: argparse.Namespace, problems: Sequence[dict[str, Any]], settings: Any) -> dict[str, Any]:
     """The head's prediction and encode FLOPs per bank problem, from the features train-difficulty cached."""
-    from ..gateway import load_shape, reward_model
+    from ..gateway import check_head_layers, load_shape, reward_model
     from ..models.prm_head import PRMTokenizer
     from ..router.hidden_difficulty import HiddenDifficultyHead
     from .train_difficulty import load_features
@@ -349,15 +350,20 @@ def hidden_inputs(args: argparse.Namespace, problems: Sequence[dict[str, Any]], 
 
     settings = settings or Settings()
     head = HiddenDifficultyHead.load(args.difficulty_head)
-    feats = load_features(Path(args.features or f"{args.bank}.hidden.npz"))
-    missing = [p["id"] for p in problems if p["id"] not in feats]
-    if missing:
-        raise SystemExit(f"{len(missing)} bank problems have no cached hidden states (e.g. {missing[0]}): run "
-                         f"`ttc-gateway train-difficulty --bank {args.bank} ...` first")
     if not Path(reward_model(settings)).is_dir():
         raise SystemExit(f"reward model folder {reward_model(settings)} missing: run `ttc-gateway prepare-models` "
                          f"(or set TTC_MODELS_DIR to where it was prepared)")
     shape = load_shape(reward_model(settings), settings.reward.config_path)
+    try:
+        check_head_layers(head.metadata.get("layers"), shape.n_layer, f"difficulty head {args.difficulty_head}",
+                          reward_model(settings))
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    feats = load_features(Path(args.features or f"{args.bank}.hidden-{shape.n_layer}l.npz"))
+    missing = [p["id"] for p in problems if p["id"] not in feats]
+    if missing:
+        raise SystemExit(f"{len(missing)} bank problems have no cached hidden states (e.g. {missing[0]}): run "
+                         f"`ttc-gateway train-difficulty --bank {args.bank} ...` first")
     tok = PRMTokenizer.from_model_dir(reward_model(settings)).tokenizer
     return {"path": args.difficulty_head, "version": head.version,
             "prediction": {p["id"]: float(head.predict_features(feats[p["id"]].astype(np.float64))[0])

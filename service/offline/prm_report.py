@@ -8,6 +8,10 @@ Metrics (on problems the head never trained on):
   majority vote, weighted vote with the head (sum of last-step scores per equivalent answer), weighted vote with the
   arithmetic verifier, weighted vote with their product, and the oracle (pass@N).
 
+- Cost per sample (`sample_costs`): the reward tokens of each held-out sample's PRM layout and their FLOPs on the
+  reward model's own shape (layers included), against the policy FLOPs of generating that sample with its prompt in
+  the prefix cache (the meter's generation_flops, as the sample bank counts them).
+
 Can be rerun on a saved head and a work dir (train_prm.report_main; this module imports nothing of train_prm):
     python -m service.offline.train_prm report --head service/data/prm_head_smollm2.npz --json prm_report.json
 """
@@ -44,7 +48,6 @@ def auroc(scores: Sequence[float], labels: Sequence[int]) -> float | None:
         ranks[order[i:j + 1]] = (i + j) / 2 + 1
         i = j + 1
     return float((ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
-
 
 
 def evaluate(rows: list[dict], feats: dict[str, list[np.ndarray]], head: PRMHead, ns: Sequence[int] = (4, 16),
@@ -101,6 +104,28 @@ def evaluate(rows: list[dict], feats: dict[str, list[np.ndarray]], head: PRMHead
     return report
 
 
+def sample_costs(rows: list[dict], layout: Any, policy_prompt_len: Any, completion_tokens: Any, policy_shape: Any,
+                 reward_shape: Any) -> dict[str, Any]:
+    """Mean reward tokens and FLOPs per sample (every sample's own PRM layout, nothing cached) and mean policy FLOPs
+    per sample; `layout(question, steps)`, `policy_prompt_len(row)` and `completion_tokens(text)` from the caller."""
+    reward_tok, reward_fl, policy_fl, gen_tok = [], [], [], []
+    for row in rows:
+        plen = policy_prompt_len(row)
+        for text in row["samples"]:
+            steps = split_steps(text, "\n")
+            n = len(layout(row["question"], steps).token_ids) if steps else 0
+            g = completion_tokens(text)
+            reward_tok.append(n)
+            reward_fl.append(reward_shape.encode_flops(n))
+            gen_tok.append(g)
+            policy_fl.append(policy_shape.generation_flops(plen, plen, [g]))
+    r, p = float(np.mean(reward_fl)), float(np.mean(policy_fl))
+    return {"samples": len(reward_fl), "reward_layers": reward_shape.n_layer,
+            "reward_tokens": float(np.mean(reward_tok)), "reward_flops": r,
+            "completion_tokens": float(np.mean(gen_tok)), "policy_flops": p,
+            "reward_over_policy": r / p if p else None}
+
+
 def print_table(report: dict[str, Any]) -> None:
     print(f"\nHeld-out: {report['problems']} problems x {report['samples_per_problem']} samples, "
           f"per-sample accuracy {100 * report['per_sample_accuracy']:.1f}%")
@@ -115,6 +140,11 @@ def print_table(report: dict[str, Any]) -> None:
     print(f"  {'method':<22}" + "".join(f"{n:>9}" for n in sel))
     for k in keys:
         print(f"  {k:<22}" + "".join(f"{(sel[n][k] if sel[n][k] is not None else float('nan')):>9.1f}" for n in sel))
+    c = report.get("cost_per_sample")
+    if c:
+        print(f"Per sample: {c['reward_tokens']:.1f} reward tokens, reward {c['reward_flops']:.3g} FLOPs "
+              f"({c['reward_layers']} layers) vs policy {c['policy_flops']:.3g} ({c['completion_tokens']:.1f} "
+              f"tokens): reward/policy {c['reward_over_policy']:.3f}")
     b = report["baseline"]
     print(f"Baseline ({b['source']}): AUROC {b['auroc_overall']} / {b['auroc_within']}, weighted vote about +1 point "
           f"over greedy at N=16.")

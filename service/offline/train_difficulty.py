@@ -1,6 +1,6 @@
 """`ttc-gateway train-difficulty`: fit the zero-decode difficulty head (router.hidden_difficulty) on a sample bank.
 
-Per bank problem, one /pooling call on the reward worker returns the final-layer hidden states of the bare question
+Per bank problem, one /pooling call on the reward worker returns the last-layer hidden states of the bare question
 (`PRMClient.encode_question`, exactly what `auto` calls when serving); they are cached next to the bank, so a rerun
 only encodes new problems. Labels come from the bank: pass@1 (share of the 32 samples that are correct) and the mean
 last-step verifier score of the samples (smoother; it is the statistic the probe estimates). Problems are split by a
@@ -116,7 +116,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--bank", required=True, help="sample bank written by `ttc-gateway bank`")
     p.add_argument("--out", required=True, help="head (.npz), e.g. service/data/difficulty_head_smollm2.npz")
     p.add_argument("--report", help="JSON report (default: next to --out)")
-    p.add_argument("--features", help="hidden-state cache (default: the bank path + .hidden.npz)")
+    p.add_argument("--features", help="hidden-state cache (default: the bank path + .hidden-<layers>l.npz)")
     p.add_argument("--min-problems", type=int, default=20, help="refuse smaller banks")
     add_worker_args(p)
     p.set_defaults(func=main)
@@ -136,7 +136,11 @@ def main(settings: Any, args: argparse.Namespace) -> int:
 
     gws = gateway_settings("prm*arith", args.policy_port, args.reward_port, args.policy_url, args.reward_url)
     check_prepared(gws)  # the tokenizer and the FLOPs shape come from the model folder even when nothing is encoded
-    feats_path = Path(args.features or f"{args.bank}.hidden.npz")
+    from ..gateway import load_shape, reward_model
+
+    shape = load_shape(reward_model(gws), gws.reward.config_path)
+    # States of another depth are other features: the cache is per reward-model depth.
+    feats_path = Path(args.features or f"{args.bank}.hidden-{shape.n_layer}l.npz")
     feats = load_features(feats_path)
     todo = [p for p in problems if p["id"] not in feats]
     t0 = time.monotonic()
@@ -158,15 +162,14 @@ def main(settings: Any, args: argparse.Namespace) -> int:
     prompt = PromptDifficultyModel.fit([questions[i] for i in fit], list(labs[chosen["label"]][fit]))
     prompt_pred = np.array([prompt.predict(q) for q in questions])
 
-    from ..gateway import load_shape, reward_model
     from ..models.prm_head import PRMTokenizer
 
-    shape = load_shape(reward_model(gws), gws.reward.config_path)
     tokenizer = PRMTokenizer.from_model_dir(reward_model(gws)).tokenizer
     tokens = [len(tokenizer.encode(q.strip(), add_special_tokens=False)) for q in questions]  # as encode_question
     per_gen = float(np.mean([s["policy_flops"] + s["reward_flops"] for p in problems for s in p["samples"]]))
     encode = float(np.mean([shape.encode_flops(int(t)) for t in tokens]))
     head.metadata.update({"model": current_models(gws).get("policy"), "poolings": list(POOLINGS),
+                          "layers": shape.n_layer,  # the reward worker's depth: the gateway refuses another
                           "label": chosen["label"], "fitted_on": int(len(fit)),
                           "bank_created": header.get("created"), "datasets": header.get("datasets"),
                           "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})

@@ -3,8 +3,14 @@ train the PRM head and evaluate it on held-out problems.
 
     python -m service.offline.train_prm --out service/data/prm_head_smollm2.npz \
         --datasets arith_graded mawps_singleop mawps_addsub mawps_multiarith svamp \
-        --problems 360 --samples 8 --eval-problems 80 --eval-samples 16 \
+        --problems 360 --samples 8 --eval-problems 80 --eval-samples 16 --prompt bare \
+        --reward-model-dir ~/.cache/ttc-gateway/models/smollm2-135m-instruct-10l \
         --policy-url http://127.0.0.1:8201 --prm-url http://127.0.0.1:8202 --report-json prm_report.json
+
+The PRM worker at --prm-url serves --reward-model-dir (by default the policy model; `ttc-gateway prepare-models`
+writes the first-k-layers copy the gateway's reward worker serves); the head records that depth (`layers`) and the
+question layout (`--prompt`: "bare" question text, or "chat" = system + user chat template), and the gateway refuses
+a reward model of another depth. The report adds the reward and policy FLOPs per held-out sample.
 
 Labels. Every step of a sample gets the sample's outcome label (final answer correct or not, math-verify equivalence),
 which is what an ORM-per-prefix gives. On a subset of training problems (--mc-problems, --mc-samples, --mc-rollouts)
@@ -13,7 +19,8 @@ step prefix that reach the gold answer. MC labels cost r generations per step pr
 subset is affordable within the default ~15-minute run; the final step's label is exact (the outcome) either way.
 
 Split. Problems (not samples) are split: the eval problems are drawn first from a separate seeded shuffle and never
-enter training. Everything is cached under --work-dir (samples, MC labels, features), so a rerun resumes.
+enter training. Everything is cached under --work-dir (samples, MC labels, features per reward depth and layout),
+so a rerun resumes and another depth or layout re-encodes features only.
 """
 
 from __future__ import annotations
@@ -31,17 +38,17 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..prompts import SYSTEM, load_dataset, math_messages, style_for
+from ..prompts import SYSTEM, load_dataset
 from ..strategies.steps import has_final_answer, split_steps
 from ..strategies.voting import answers_equivalent, extract_answer
-from ..models.prm_head import FEATURES, PRMHead, PRMTokenizer, fit_logistic, fit_mlp, step_features
+from ..models.prm_head import FEATURES, PRMHead, fit_logistic, fit_mlp
+from .prm_workers import DELIM, Workers
 from .prm_report import auroc, evaluate, print_table
 
 log = logging.getLogger("ttc.train_prm")
 
 DATASETS_DIR = Path(__file__).resolve().parents[3] / "shared" / "datasets"
 DEFAULT_DATASETS = ["arith_graded", "mawps_singleop", "mawps_addsub", "mawps_multiarith", "svamp"]
-DELIM = "\n"
 
 
 def _say(msg: str) -> None:
@@ -83,62 +90,6 @@ def select_problems(datasets: Sequence[str], train_n: int, eval_n: int, seed: in
             if p:
                 order.append(p.pop())
     return order[eval_n:eval_n + train_n], order[:eval_n]
-
-
-# ---------------------------------------------------------------- workers
-
-class Workers:
-    def __init__(self, policy_url: str, prm_url: str, model_dir: Path, policy_model: str | None, prm_model: str):
-        import httpx
-        from transformers import AutoTokenizer
-
-        from ..metering import ModelShape
-        from ..workers.pool import Endpoint, WorkerPool
-
-        self.http = httpx.AsyncClient(timeout=httpx.Timeout(900.0, connect=5.0))
-        self.policy_url = policy_url.rstrip("/")
-        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        self.prm_tok = PRMTokenizer(self.tokenizer, system=SYSTEM, delimiter=DELIM)
-        self.policy_model = policy_model
-        self.pool = WorkerPool(name="reward", served_name=prm_model, endpoints=[Endpoint(prm_url.rstrip("/"),
-                                                                                         healthy=True)])
-        self.shape = ModelShape.from_path(model_dir)
-
-    async def resolve_policy_model(self) -> str:
-        if not self.policy_model:
-            r = await self.http.get(self.policy_url + "/v1/models")
-            self.policy_model = r.json()["data"][0]["id"]
-        return self.policy_model
-
-    def chat_prompt(self, question: str, source: str) -> str:
-        return self.tokenizer.apply_chat_template(math_messages(question, style_for(source)), tokenize=False,
-                                                  add_generation_prompt=True)
-
-    async def complete(self, prompts: list[str], n: int, temperature: float, max_tokens: int,
-                       seed: int | None = None) -> list[list[str]]:
-        payload: dict[str, Any] = {"model": await self.resolve_policy_model(), "prompt": prompts, "n": n,
-                                   "max_tokens": max_tokens, "temperature": temperature}
-        if seed is not None:
-            payload["seed"] = seed
-        r = await self.http.post(self.policy_url + "/v1/completions", json=payload)
-        r.raise_for_status()
-        out: list[list[str]] = [[] for _ in prompts]
-        for ch in sorted(r.json()["choices"], key=lambda c: c["index"]):
-            out[ch["index"] // n].append(ch["text"])
-        return out
-
-    async def features(self, question: str, candidates: list[list[str]]) -> list[np.ndarray]:
-        from ..workers.pooling import decode_hidden, pooling  # the gateway's own call and decoding
-
-        layouts = [self.prm_tok.layout(question, steps) for steps in candidates]
-        data, _ = await pooling(self.pool, self.pool.served_name, [lay.token_ids for lay in layouts],
-                                encoding_format="base64")
-        return [step_features(decode_hidden(d).reshape(len(lay.token_ids), -1), lay).astype(np.float16)
-                for d, lay in zip(data, layouts)]
-
-    async def close(self) -> None:
-        await self.http.aclose()
-        await self.pool.close()
 
 
 # ---------------------------------------------------------------- stages (each cached as JSONL/NPZ in the work dir)
@@ -266,7 +217,7 @@ async def feature_stage(w: Workers, rows: list[dict], store_dir: Path, tag: str)
         keys = [k for k in uniq if k]
         feats = await w.features(row["question"], [list(k) for k in keys]) if keys else []
         fmap = dict(zip(keys, feats))
-        arrs = [fmap.get(tuple(c), np.zeros((0, 3 * 576), np.float16)) for c in cands]
+        arrs = [fmap.get(tuple(c), np.zeros((0, 3 * w.shape.d_model), np.float16)) for c in cands]
         np.savez(f, **{f"a{i}": a for i, a in enumerate(arrs)})
         out[row["id"]] = arrs
         if n % 10 == 0 or n == len(todo):
@@ -326,8 +277,11 @@ def train_head(rows: list[dict], feats: dict[str, list[np.ndarray]], mc: dict[st
         if auc > best_auc + (0.01 if kind == "mlp" else 0.0):  # the MLP must measurably beat logistic
             best, best_auc = (kind, l2), auc
     kind, l2 = best
-    meta = {"model": args.model_name, "features": list(FEATURES), "layer": "final (post-norm), pooling worker",
-            "step_delimiter": DELIM, "system": SYSTEM, "head": kind, "l2": l2, "cv_last_step_auroc": best_auc,
+    meta = {"model": args.model_name, "features": list(FEATURES), "layers": args.layers,
+            "model_layers": args.model_layers,
+            "layer": f"after layer {args.layers} of {args.model_layers} (final norm), pooling worker",
+            "step_delimiter": DELIM, "system": SYSTEM, "prompt": args.prompt, "head": kind, "l2": l2,
+            "cv_last_step_auroc": best_auc,
             "training": {"datasets": args.datasets, "problems": len(rows), "samples_per_problem": args.samples,
                          "steps": int(len(y)), "mc_labelled_steps": int(n_mc), "mc_rollouts": args.mc_rollouts,
                          "positive_rate": float((y > 0.5).mean()), "temperature": args.temperature,
@@ -367,6 +321,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--policy-model", default=None, help="served name (default: the worker's first model)")
     ap.add_argument("--prm-model", default="prm")
     ap.add_argument("--model-dir", default=str(Path(default_models_dir()) / "smollm2-135m-instruct"))
+    ap.add_argument("--reward-model-dir", default=None, help="what the PRM worker serves (default: --model-dir); "
+                    "the head records its depth")
+    ap.add_argument("--prompt", choices=("chat", "bare"), default="bare", help="PRM layout of the question")
     ap.add_argument("--model-name", default="smollm2-135m-instruct")
     ap.add_argument("--work-dir", default=str(Path.home() / ".cache" / "ttc-gateway" / "prm-work"))
     ap.add_argument("--report-json", default=None, help="write the held-out evaluation here")
@@ -381,7 +338,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     train_p, eval_p = select_problems(args.datasets, args.problems, args.eval_problems, args.seed)
     assert not ({p["id"] for p in train_p} & {p["id"] for p in eval_p})
     _say(f"{len(train_p)} training and {len(eval_p)} held-out problems from {', '.join(args.datasets)}")
-    w = Workers(args.policy_url, args.prm_url, Path(args.model_dir), args.policy_model, args.prm_model)
+    w = Workers(args)
+    args.layers, args.model_layers = w.reward_shape.n_layer, w.shape.n_layer
     try:
         train_rows = await sample_stage(w, train_p, args.samples, args, work / "samples_train.jsonl", "train")
         eval_rows = await sample_stage(w, eval_p, args.eval_samples, args, work / "samples_eval.jsonl", "eval")
@@ -391,8 +349,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         mc = await mc_stage(w, train_list[:args.mc_problems], args, work / "mc_labels.jsonl") \
             if args.mc_problems > 0 else {}
         t_mc = time.time() - t_start - t_sample
-        train_feats = await feature_stage(w, train_list, work / "features", "train")
-        eval_feats = await feature_stage(w, eval_list, work / "features", "eval")
+        train_feats = await feature_stage(w, train_list, w.features_dir, "train")
+        eval_feats = await feature_stage(w, eval_list, w.features_dir, "eval")
         t_feat = time.time() - t_start - t_sample - t_mc
     finally:
         await w.close()
@@ -402,6 +360,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     _say(f"wrote {args.out} ({Path(args.out).stat().st_size} bytes, head version {head.version})")
     report = evaluate(eval_list, eval_feats, head, draws=args.report_draws, seed=args.seed)
     report["train_problems"] = len(train_list)
+    report["cost_per_sample"] = w.sample_costs(eval_list)
     report["timing_s"] = dict(head.metadata["timing_s"], total=round(time.time() - t_start))
     print_table(report)
     if args.report_json:
@@ -423,21 +382,24 @@ def report_main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="prm-report")
     ap.add_argument("--head", default="service/data/prm_head_smollm2.npz")
     ap.add_argument("--json", default=None)
-    ap.add_argument("rest", nargs=argparse.REMAINDER, help="train_prm arguments (work dir, datasets, eval sizes)")
-    a = ap.parse_args(argv)
-    args = parse_args(a.rest)
+    a, rest = ap.parse_known_args(argv)  # the rest: train_prm arguments (work dir, datasets, eval sizes, workers)
+    args = parse_args(rest)
+
+    head = PRMHead.load(a.head)
+    args.prompt = head.prompt  # the layout the head was trained on; the PRM worker must serve its depth
 
     async def go() -> dict[str, Any]:
         _, eval_p = select_problems(args.datasets, args.problems, args.eval_problems, args.seed)
-        w = Workers(args.policy_url, args.prm_url, Path(args.model_dir), args.policy_model, args.prm_model)
+        w = Workers(args)
         try:
             rows = await sample_stage(w, eval_p, args.eval_samples, args, Path(args.work_dir) / "samples_eval.jsonl",
                                       "eval")
             eval_list = [rows[p["id"]] for p in eval_p]
-            feats = await feature_stage(w, eval_list, Path(args.work_dir) / "features", "eval")
+            feats = await feature_stage(w, eval_list, w.features_dir, "eval")
         finally:
             await w.close()
-        return evaluate(eval_list, feats, PRMHead.load(a.head), draws=args.report_draws, seed=args.seed)
+        return dict(evaluate(eval_list, feats, head, draws=args.report_draws, seed=args.seed),
+                    cost_per_sample=w.sample_costs(eval_list))
 
     report = asyncio.run(go())
     print_table(report)

@@ -44,11 +44,10 @@ def check_prepared(settings: Any) -> None:
 
 async def with_gateway(settings: Any, fn: Any) -> Any:
     from ..gateway import Gateway
-    from .prepare_models import BUNDLED, prepare
+    from .prepare_models import prepare_bundled
 
     check_prepared(settings)  # one clear line (which command to run) instead of a hub-id traceback
-    if settings.policy.embedded and not settings.policy.model and settings.policy.served_name in BUNDLED:
-        prepare(settings.policy.served_name, settings.models_dir)
+    prepare_bundled(settings)
     gw = Gateway(settings)
     t0 = time.monotonic()
     # SIGTERM (a killed batch job) must stop the workers too, not orphan them: cancel, then the finally below runs.

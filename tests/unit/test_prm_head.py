@@ -78,6 +78,28 @@ def test_step_features(tok):
     np.testing.assert_allclose(f[1, 2 * D:], h[lay.prompt_len:e1].mean(0), rtol=1e-5, atol=1e-5)
 
 
+def test_bare_prompt_is_the_question_and_one_delimiter():
+    """The short layout: no chat template, no system prompt; the steps follow exactly as in the chat layout."""
+    chat, bare = PRMTokenizer(CharTokenizer()), PRMTokenizer(CharTokenizer(), prompt="bare")
+    steps = ["1 + 1 = 2", "The answer is 2."]
+    lb, lc = bare.layout("  Q?  ", steps), chat.layout("Q?", steps)
+    assert lb.token_ids[:lb.prompt_len] == [ord(c) for c in "Q?\n"]
+    assert lb.token_ids[lb.prompt_len:] == lc.token_ids[lc.prompt_len:]
+    assert [e - s for s, e in lb.step_spans] == [e - s for s, e in lc.step_spans]
+    assert len(lc.token_ids) - len(lb.token_ids) > len(chat.system)  # the system prompt is gone
+    with pytest.raises(ValueError, match="prompt"):
+        PRMTokenizer(CharTokenizer(), prompt="few-shot")
+
+
+def test_tokenizer_for_head_follows_its_metadata():
+    head = _head()
+    head.metadata.update(prompt="bare", layers=10, system="S")
+    tok = PRMTokenizer.for_head(CharTokenizer(), head)
+    assert (tok.prompt, tok.system, tok.delimiter, head.layers) == ("bare", "S", "\n", 10)
+    old = _head()  # a head from before the short layout: the chat template, all layers
+    assert (PRMTokenizer.for_head(CharTokenizer(), old).prompt, old.layers) == ("chat", None)
+
+
 class FakePool:
     """Deterministic hidden states per token id, in the /pooling response format (base64 float32)."""
 
@@ -109,3 +131,20 @@ def test_client_caches_step_scores(tok):
     second = asyncio.run(MeteredPRM(client, m2).score("What is 3 + 5?", cands))
     assert second == first and len(pool.calls) == 1 and m2.reward.flops == 0
     assert asyncio.run(client.score("What is 3 + 5?", [[]])) == [[]]
+
+
+def test_sample_costs_meter_each_sample_layout_against_its_generation():
+    from service.offline.prm_report import sample_costs
+
+    cfg = {"hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536,
+           "vocab_size": 49152}
+    policy, reward = (ModelShape.from_config(dict(cfg, num_hidden_layers=n)) for n in (30, 10))
+    tok = PRMTokenizer(CharTokenizer(), prompt="bare")
+    rows = [{"question": "Q?", "samples": ["1 + 1 = 2\nThe answer is 2.", "The answer is 3."]}]
+    c = sample_costs(rows, tok.layout, lambda r: 50, lambda t: len(t), policy, reward)
+    lens = [len("Q?\n1 + 1 = 2\nThe answer is 2.\n"), len("Q?\nThe answer is 3.\n")]
+    assert c["reward_tokens"] == np.mean(lens) and c["reward_layers"] == 10
+    assert c["reward_flops"] == pytest.approx(np.mean([reward.encode_flops(n) for n in lens]))
+    gens = [policy.generation_flops(50, 50, [len(t)]) for t in rows[0]["samples"]]
+    assert c["policy_flops"] == pytest.approx(np.mean(gens))
+    assert c["reward_over_policy"] == pytest.approx(c["reward_flops"] / c["policy_flops"])
