@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from service.offline.calibrate import load_pool  # noqa: E402
 from service.offline.workers import gateway_settings, with_gateway  # noqa: E402
 from service.workers.policy import ABORT_SLACK_TOKENS  # noqa: E402
+from resume import finished_runs  # noqa: E402
 
 MAX_TOKENS = 96
 TEMPERATURE = 0.8
@@ -197,14 +198,7 @@ def main() -> int:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     path, probe_path = work / "results.jsonl", work / "probe.json"
-    done: dict = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            done[(rec["id"], rec["key"])] = rec
+    done = finished_runs(path)
     probes = json.loads(probe_path.read_text()) if probe_path.exists() else []
 
     async def work_fn(gw: Any) -> None:

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from service.offline.calibrate import load_pool  # noqa: E402
 from service.offline.workers import gateway_settings, with_gateway  # noqa: E402
 from service.rewards.confidence import token_confidences, trace_confidence  # noqa: E402
+from resume import finished_runs  # noqa: E402
 
 N_DRAW = 8
 MAX_TOKENS = 96
@@ -206,14 +207,7 @@ def main() -> int:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     path = work / "results.jsonl"
-    done: dict = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            done[(rec["id"], rec["key"])] = rec
+    done = finished_runs(path)
 
     async def work_fn(gw: Any) -> None:
         sem = asyncio.Semaphore(args.concurrency)
