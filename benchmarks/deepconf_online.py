@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -34,18 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from service.offline.calibrate import load_pool  # noqa: E402
 from service.offline.workers import gateway_settings, with_gateway  # noqa: E402
 from service.workers.policy import ABORT_SLACK_TOKENS  # noqa: E402
-from resume import finished_runs  # noqa: E402
+from bench_runs import finished_runs, wilson, worker_port, write_report  # noqa: E402
 
 MAX_TOKENS = 96
 TEMPERATURE = 0.8
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
-    if n == 0:
-        return [0.0, 1.0]
-    p, d = k / n, 1 + z * z / n
-    mid, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return [round(mid - half, 3), round(mid + half, 3)]
 
 
 def counter(url: str) -> float:
@@ -213,18 +204,10 @@ def main() -> int:
 
     keys = [f"eta={e:g} {m}" for e in etas for m in ("report", "online")]
     if len(probes) < args.probe or not all((r["id"], k) in done for r in rows for k in keys):
-        import socket
-
-        port = args.policy_port
-        if not port:
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                port = sock.getsockname()[1]
+        port = worker_port(args.policy_port)
         asyncio.run(with_gateway(gateway_settings("arith", port, port + 1), work_fn))
     result = report(rows, done, etas, probes, args.window)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
+    write_report(args.out, result)
     return 0
 
 

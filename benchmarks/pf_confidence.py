@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from service.offline.calibrate import load_pool  # noqa: E402
 from service.offline.workers import gateway_settings, with_gateway  # noqa: E402
 from service.rewards.confidence import token_confidences, trace_confidence  # noqa: E402
-from resume import finished_runs  # noqa: E402
+from bench_runs import finished_runs, wilson, worker_port, write_report  # noqa: E402
 
 N_DRAW = 8
 MAX_TOKENS = 96
@@ -42,15 +42,6 @@ SEARCHES = [  # (label, backend, strategy, params)
     ("rebase n=4", "arith", "rebase", {"n": 4}),
 ]
 SCORES = ("arith", "conf_lowest_group", "conf_tail", "conf_mean", "conf_bottom10")
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
-    """95% Wilson score interval of an accuracy k / n."""
-    if n == 0:
-        return [0.0, 1.0]
-    p, d = k / n, 1 + z * z / n
-    mid, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return [round(mid - half, 3), round(mid + half, 3)]
 
 
 def auroc(pos: list[float], neg: list[float]) -> float | None:
@@ -224,19 +215,11 @@ def main() -> int:
             await asyncio.gather(*(go(r) for r in rows))
 
     if not all((r["id"], k) in done for r in rows for k in ["draw"] + [s[0] for s in SEARCHES]):
-        import socket
-
-        port = args.policy_port
-        if not port:
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                port = sock.getsockname()[1]
+        port = worker_port(args.policy_port)
         settings = gateway_settings("arith", port, port + 1)
         asyncio.run(with_gateway(settings, work_fn))
     result = report(rows, done)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
+    write_report(args.out, result)
     return 0
 
 
