@@ -2,7 +2,7 @@
 the cost of estimating difficulty included.
 
 Per problem and ordering of its samples: when the table's probe (k samples) fits the budget, the first k samples are
-the probe; their mean verifier score (last step) gives the bin; the table is looked up with the budget that remains;
+the probe; their mean verifier score (last step) gives the bin; the table is looked up with the request's budget;
 best-of-N then reuses the probe samples (N' = max(N, k): what BestOfN with prior samples does), so its FLOPs are
 those of N' samples plus the probe's verifier calls. With early stopping the rule runs over the same ordering from
 its first sample, probe samples included (served: they are BestOfN's prior samples); one difference: when it fires
@@ -49,7 +49,7 @@ def auto_outcomes(table: Any, bank: BankArrays, configs: Sequence[Any], ok: np.n
         for pi in range(len(rows)):
             for o in range(stat.shape[1]):
                 if probe[pi, o]:
-                    ch = table.lookup(int(probe_bins[pi, o]), g - probe_cost[pi, o])
+                    ch = table.lookup(int(probe_bins[pi, o]), g)  # the request's budget (run_auto)
                     n = min(max(int(ch.params["n"]), k), max_n)
                 else:
                     ch = table.lookup(prompt_bins[pi], g)

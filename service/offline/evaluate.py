@@ -111,8 +111,12 @@ def evaluate(header: dict[str, Any], problems: Sequence[dict[str, Any]], backend
         stat = np.array([float(hidden["prediction"][i]) for i in bank.ids])
         report["hidden_estimator"] = {"head": hidden.get("path"), "version": hidden.get("version"),
                                       "mean_encode_flops": float(np.mean(list(hidden["encode_flops"].values())))}
+    gen_table, budgets_table = gen, budgets
+    if hidden is not None:  # the head's prefill is paid on top of the configuration: part of every budget level
+        gen_table = dict(gen, estimation=report["hidden_estimator"]["mean_encode_flops"])
+        budgets_table = [budget_flops(g, gen_table) for g in BUDGETS_GEN]
     table = evidence_table(acc[fit][:, mine], fl[fit][:, mine], cfgs, stat[fit], bank.correct[fit].any(1),
-                           BUDGETS_GEN, gen, backend, prior_strength, min_gain,
+                           BUDGETS_GEN, gen_table, backend, prior_strength, min_gain,
                            questions=[bank.questions[i] for i in fit] if all(bank.questions) else None)
     if hidden is not None:
         table.estimator = "hidden"
@@ -125,7 +129,7 @@ def evaluate(header: dict[str, Any], problems: Sequence[dict[str, Any]], backend
                        "entries": [{k: e[k] for k in ("bin", "budget_generations", "params", "expected_accuracy",
                                                       "n_problems", "hopeless")} for e in table.entries]}
     if n_ho:
-        ta, tf = table_outcomes(table, acc[ho][:, mine], fl[ho][:, mine], cfgs, stat[ho], budgets)
+        ta, tf = table_outcomes(table, acc[ho][:, mine], fl[ho][:, mine], cfgs, stat[ho], budgets_table)
         w_ho = bootstrap_weights(n_ho, n_boot, seed + 2)
         report["table"]["held_out_curve"] = _curve(ta, tf, w_ho)
         report["table"]["held_out_ratio"] = _ratio(ratio_with_interval(acc[ho][:, base_k], fl[ho][:, base_k], ta,
@@ -133,9 +137,9 @@ def evaluate(header: dict[str, Any], problems: Sequence[dict[str, Any]], backend
         if hidden is not None:
             # The served `auto` with the head: its bin needs one prefill (paid when it fits, as run_auto does).
             enc = np.array([float(hidden["encode_flops"][bank.ids[i]]) for i in ho])[:, None]
-            fits = enc <= np.array(budgets)[None, :]
+            fits = enc <= np.array(budgets_table)[None, :]
             aa, af = hidden_auto_outcomes(table, acc[ho][:, mine], fl[ho][:, mine], cfgs, stat[ho], enc[:, 0],
-                                          budgets, [bank.questions[i] for i in ho])
+                                          budgets_table, [bank.questions[i] for i in ho])
             probe_share = fits.astype(float)
         else:
             aa, af, probe_share = auto_outcomes(table, bank, configs, ok_all, cost_all, order, budgets, ho)
@@ -144,7 +148,7 @@ def evaluate(header: dict[str, Any], problems: Sequence[dict[str, Any]], backend
         report["table"]["held_out_auto_probe_share"] = probe_share.mean(0).round(3).tolist()
         report["table"]["estimator"] = table.estimator
         report["table"]["auto_minus_best_fixed"] = minus_best_fixed(
-            acc[fit][:, mine], fl[fit][:, mine], acc[ho][:, mine], aa, cfgs, budgets, w_ho)
+            acc[fit][:, mine], fl[fit][:, mine], acc[ho][:, mine], aa, cfgs, budgets_table, w_ho)
         report["table"]["held_out_by_source"] = by_source(
             [bank.sources[i] for i in ho], acc[ho][:, base_k[-1]], aa[:, -1])
         report["table"]["held_out_auto_ratio"] = _ratio(ratio_with_interval(acc[ho][:, base_k], fl[ho][:, base_k],
@@ -199,8 +203,8 @@ def hidden_auto_outcomes(table: Any, acc: np.ndarray, flops: np.ndarray, configs
                          encode: np.ndarray, budgets: Sequence[float], questions: Sequence[str]
                          ) -> tuple[np.ndarray, np.ndarray]:
     """Per problem and budget, what run_auto does with estimator "hidden" (the same routing rule, table.choose): when
-    the prefill fits, the head's bin and the budget that remains after it; else the prompt estimator's bin (no
-    FLOPs) and the whole budget."""
+    the prefill fits, the head's bin, else the prompt estimator's bin (no FLOPs); the table's entry for the whole
+    budget (its levels include the head's mean prefill)."""
     from ..router.difficulty import prompt_bin
     from ..router.table import choose
     from .policy import bins_of
@@ -213,7 +217,7 @@ def hidden_auto_outcomes(table: Any, acc: np.ndarray, flops: np.ndarray, configs
         for j, g in enumerate(budgets):
             paid = encode[i] <= g
             no_head_bin = prompt_bin(table, questions[i]) if not paid and table.prompt_model else None
-            _, _, ch = choose(table, g - encode[i] if paid else g, None, no_head_bin, int(bins[i]) if paid else None)
+            _, _, ch = choose(table, g, None, no_head_bin, int(bins[i]) if paid else None)  # the request's budget
             k = index[params_signature(ch.params)]
             out_a[i, j], out_f[i, j] = acc[i, k], flops[i, k] + (encode[i] if paid else 0.0)
     return out_a, out_f

@@ -91,7 +91,10 @@ def generation_flops(recs: Iterable[dict[str, dict[str, Any]]]) -> dict[str, flo
 
 
 def budget_flops(g: float, gen: dict[str, float]) -> float:
-    return g * gen["per_generation"] + gen.get("question_charge", 0.0)
+    """A budget of g generations in FLOPs; `estimation` (the difficulty estimate's mean cost, when the table's
+    estimator pays one outside best-of-N's own samples) is part of every budget level, so `auto` at a level runs the
+    level's configuration and its estimate."""
+    return g * gen["per_generation"] + gen.get("question_charge", 0.0) + gen.get("estimation", 0.0)
 
 
 # ---- building the table --------------------------------------------------------------------------------------------

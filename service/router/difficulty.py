@@ -181,7 +181,8 @@ async def run_auto(problem: Problem, policy: Policy, reward: Reward | None, tabl
                    progress: Any = None, encoder: Any = None) -> tuple[StrategyResult, dict[str, Any]]:
     """`auto`: estimate difficulty (table.estimator: the probe only when a reward exists and it fits the budget;
     the zero-decode hidden-state head when the reward worker can encode and its prefill fits; else the prompt
-    estimator), look up the strategy for what remains of the budget, run it (best-of-N reuses the probe samples).
+    estimator), look up the strategy for the request's budget, run it in what remains (best-of-N reuses the probe
+    samples; every strategy shrinks to fit).
     Returns the result and a description for `ttc` (bin, estimator, choice, estimation FLOPs)."""
     from ..strategies import build_strategy
 
@@ -199,7 +200,10 @@ async def run_auto(problem: Problem, policy: Policy, reward: Reward | None, tabl
         info.update(statistic=probe.statistic, probe_flops=probe.flops)
     estimated = probe is not None or hidden is not None
     no_probe_bin = prompt_bin(table, problem.question) if not estimated and table.prompt_model else None
-    estimator, bin_, choice = choose(table, None if limit is None else budget.remaining(),
+    # The table's budgets are request budgets: look up the request's whole budget, not what the estimate left.
+    # Best-of-N reuses the probe's samples, the head's prefill is ~0.1 generation, and every strategy is anytime
+    # and shrinks to what remains; looking up the remainder would drop a whole budget level (16 -> 8 samples).
+    estimator, bin_, choice = choose(table, limit,
                                      probe.bin if probe is not None else None, no_probe_bin,
                                      hidden[0] if hidden is not None else None)
     info.update(estimator=estimator, bin=bin_, strategy=choice.strategy, params=choice.params,

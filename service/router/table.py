@@ -131,11 +131,12 @@ def uses_probe(estimator: str, have_reward: bool, probe_fits: bool) -> bool:
     return estimator == "probe" and have_reward and probe_fits
 
 
-def choose(table: PolicyTable, budget_left: float | None, probe_bin: int | None,
+def choose(table: PolicyTable, budget_flops: float | None, probe_bin: int | None,
            prompt_bin: int | None, hidden_bin: int | None = None) -> tuple[str, int, Choice]:
     """The routing rule's second half, the same live (router/difficulty.run_auto) and in replay (offline/fit.route,
     offline/evaluate): the probe's bin when it ran, else the zero-decode head's when it ran, else the prompt
-    estimator's (the middle bin without a prompt model), then the table's entry for what is left of the budget.
+    estimator's (the middle bin without a prompt model), then the table's entry for the request's budget (the
+    estimate's cost is paid from it, and the chosen strategy shrinks to what remains).
     Returns (estimator used, bin, choice)."""
     if probe_bin is not None:
         estimator, bin_ = "probe", probe_bin
@@ -143,7 +144,7 @@ def choose(table: PolicyTable, budget_left: float | None, probe_bin: int | None,
         estimator, bin_ = "hidden", hidden_bin
     else:
         estimator, bin_ = "prompt", prompt_bin if prompt_bin is not None else MIDDLE_BIN
-    choice = table.lookup(bin_, budget_left)
+    choice = table.lookup(bin_, budget_flops)
     if choice is None:
         raise ValueError(f"policy table has no entry for bin {bin_}")
     return estimator, bin_, choice

@@ -104,3 +104,15 @@ def test_auto_never_encodes_beyond_the_budget_and_degrades_when_the_worker_fails
     enc = FakeEncoder(FlopMeter(), value=3.0, fail=True)
     (result, info), _ = _run(table, enc, limit=None)
     assert enc.calls == 1 and info["estimator"] == "prompt" and result.text  # the request still answers
+
+
+def test_auto_looks_up_the_requests_budget_not_what_the_estimate_left(tmp_path):
+    # Two levels: 10 FLOPs -> n=1, 100 FLOPs -> n=3. A request of exactly 100 FLOPs pays the 5-FLOP prefill and
+    # must still get the 100-FLOP entry (looking up the 95 left would drop a whole level), within its budget.
+    table = _hidden_table(tmp_path)
+    table.entries = [dict(e, budget_flops=10.0, params={"n": 1, "selection": "majority"}) for e in table.entries] + \
+        [dict(e, budget_generations=16, budget_flops=100.0) for e in table.entries]
+    enc = FakeEncoder(FlopMeter(), value=3.0)
+    (result, info), meter = _run(table, enc, limit=100.0)
+    assert info["estimator"] == "hidden" and info["params"]["n"] == 3 and info["probe_flops"] == 5.0
+    assert meter.total <= 100.0 and result.text

@@ -117,14 +117,15 @@ def test_auto_replay_pays_for_its_probe_and_reuses_it():
                for b in range(1, 6) for g, n, sel in ((1, 1, "weighted"), (16, 2, "majority"))]
     table = PolicyTable(cuts=[0.2, 0.4, 0.6, 0.8], entries=entries, reward_backend="prm*arith")
     table.prompt_model = None
-    acc, flops, probe_used = auto_outcomes(table, bank, configs, ok, cost, order, [1.5, 24.0, 40.0])
+    acc, flops, probe_used = auto_outcomes(table, bank, configs, ok, cost, order, [1.5, 12.0, 24.0])
     # 1.5 FLOPs: the 4-sample probe (6 FLOPs) does not fit; the prompt estimator's bin, best-of-1 weighted.
     assert probe_used[:, 0].tolist() == [0.0] * 4 and flops[:, 0].tolist() == [1.5] * 4
-    # 24 FLOPs: probe of 4 samples (policy 4 + reward 2); 18 remain, below the 24-FLOP entry: best-of-1 weighted,
-    # which reuses the probe: a weighted vote over the 4 probe samples.
+    # 12 FLOPs: probe of 4 samples (policy 4 + reward 2); the request's budget is below the 24-FLOP entry:
+    # best-of-1 weighted, which reuses the probe: a weighted vote over the 4 probe samples.
     w4, maj4 = (next(k for k, c in enumerate(configs) if c.n == 4 and c.selection == s)
                 for s in ("weighted", "majority"))
     assert probe_used[:, 1].tolist() == [1.0] * 4 and flops[:, 1].tolist() == [6.0] * 4
     assert np.allclose(acc[:, 1], ok[:, :, w4].mean(1))
-    # 40 FLOPs: 34 remain, majority n=2 -> a majority vote over the 4 probe samples; the probe's scoring is paid.
+    # 24 FLOPs: the entry is looked up with the request's budget, not the 18 the probe left: majority n=2 -> a
+    # majority vote over the 4 probe samples; the probe's scoring is paid.
     assert flops[:, 2].tolist() == [6.0] * 4 and np.allclose(acc[:, 2], ok[:, :, maj4].mean(1))
