@@ -9,8 +9,9 @@ Starts the embedded policy and reward workers, then per problem:
   scored by the calculator `arith` and the learned PRM head `prm` in one pass (the gateway's MeteredPRM, as `bank`
   does; `prm*arith` is their step-wise product). Best-of-N at N = 1, 2, 4, 8 (the first N samples) by majority,
   weighted vote (`arith`, `prm`, `prm*arith`) and DeepConf's confidence vote (eta 90 and 50); per sample the AUROC of
-  each score against final-answer correctness, over all samples and within problems, also restricted to the problems
-  the PRM head was not trained on (`train_prm.select_problems` rebuilt from the head's own metadata);
+  each score against final-answer correctness, over all samples and within problems (95% intervals resampling
+  problems), also restricted to the problems the PRM head was not trained on (`train_prm.select_problems` rebuilt
+  from the head's own metadata);
 - the searches (n = 4 unless named) through the same code the gateway serves, unbudgeted, FLOPs from the meter.
 Problems are the seeded shuffle `calibrate` uses, skipping the first `--skip`. Per-problem results are cached as
 JSONL in the work dir; a rerun resumes. FLOPs are the meter's total per request (prompt prefill included); best-of-N
@@ -69,7 +70,30 @@ def auroc_summary(problems: Sequence[Sequence[dict[str, Any]]], score: str) -> d
     within = [a for p in problems if (a := auroc([s[score] for s in p if s["correct"]],
                                                  [s[score] for s in p if not s["correct"]])) is not None]
     return {"overall": overall, "within_mean": sum(within) / len(within) if within else None,
-            "within_problems": len(within), "samples": len(flat), "problems": len(problems)}
+            "within_problems": len(within), "samples": len(flat), "correct": sum(s["correct"] for s in flat),
+            "problems": len(problems)}
+
+
+def auroc_intervals(problems: Sequence[Sequence[dict[str, Any]]], score: str, n_boot: int = 1000,
+                    seed: int = 0) -> dict[str, list[float] | None]:
+    """95% percentile intervals of auroc_summary's two numbers, resampling whole problems (samples of one problem
+    are not independent); a resample without both outcomes is skipped."""
+    import random
+
+    rng = random.Random(seed)
+    overall, within = [], []
+    for _ in range(n_boot):
+        res = auroc_summary([problems[rng.randrange(len(problems))] for _ in problems], score) if problems else {}
+        if res.get("overall") is not None:
+            overall.append(res["overall"])
+        if res.get("within_mean") is not None:
+            within.append(res["within_mean"])
+
+    def pct(xs: list[float]) -> list[float] | None:
+        xs = sorted(xs)
+        return [round(xs[int(0.025 * (len(xs) - 1))], 3), round(xs[int(0.975 * (len(xs) - 1))], 3)] if xs else None
+
+    return {"overall_ci95": pct(overall), "within_ci95": pct(within)}
 
 
 def prm_training_ids() -> tuple[set[tuple[str, str]], dict[str, Any]]:
@@ -218,10 +242,12 @@ def report(rows: list[dict[str, Any]], done: dict) -> dict[str, Any]:
     trained, rule = prm_training_ids()
     fresh = [i for i in ids if (str(draws[i]["source"]), i) not in trained]
     samples = [s for d in draws.values() for s in d["samples"]]
+    every, unseen = [draws[i]["samples"] for i in ids], [draws[i]["samples"] for i in fresh]
     return {"problems": len(ids), "samples": len(samples), "per_sample_accuracy": sum(s["correct"] for s in samples)
             / max(1, len(samples)), "strategies": table,
-            "auroc": {sc: auroc_summary([draws[i]["samples"] for i in ids], sc) for sc in SCORES},
-            "auroc_not_prm_trained": {sc: auroc_summary([draws[i]["samples"] for i in fresh], sc) for sc in SCORES},
+            "auroc": {sc: {**auroc_summary(every, sc), **auroc_intervals(every, sc)} for sc in SCORES},
+            "auroc_not_prm_trained": {sc: {**auroc_summary(unseen, sc), **auroc_intervals(unseen, sc)}
+                                      for sc in SCORES},
             "prm_training_rule": {**rule, "problems_here_trained_on": len(ids) - len(fresh),
                                   "problems_here_not_trained_on": len(fresh)}}
 
@@ -243,9 +269,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     for how in ("majority", *(f"weighted [{w}]" for w in WEIGHTED), "confidence eta=90"):
         draw(f"best-of-N {how}", [t[f"best_of_n n={n} {how}"] for n in BON_NS], lw=1.2, marker="o", ms=3)
-    for label, *_ in SEARCHES:
+    for k, (label, *_) in enumerate(SEARCHES):  # colours and markers apart from the best-of-N curves
         if label in t:
-            draw(label.replace("_", " ") + ("" if "[" in label else " [arith]"), [t[label]], ls="none", marker="s")
+            draw(label.replace("_", " ") + ("" if "[" in label else " [arith]"), [t[label]], ls="none",
+                 marker="sD^vPX"[k % 6], color=plt.cm.tab20(2 * k + 1 if k < 5 else 14))
     ax.set_xscale("log")
     ax.set_xlabel("mean FLOPs per problem")
     ax.set_ylabel("accuracy % (Wilson 95%)")
@@ -287,12 +314,17 @@ def main() -> int:
 
             await asyncio.gather(*(go(r) for r in rows))
 
-    t0 = time.monotonic()
+    # Wall time of every invocation that started workers (a resumed run adds up), so a report rebuilt from the
+    # cache still says what the measurement took.
+    runs = work / "run_seconds.json"
     if not all((r["id"], k) in done for r in rows for k in ["draw"] + [s[0] for s in SEARCHES]):
+        t0 = time.monotonic()
         port = worker_port(args.policy_port)
         settings = gateway_settings("prm*arith", port, port + 1)  # starts the reward worker; searches switch backend
         asyncio.run(with_gateway(settings, work_fn))
-    result = {**report(rows, done), "run_seconds_this_invocation": round(time.monotonic() - t0)}
+        runs.write_text(json.dumps(json.loads(runs.read_text()) + [round(time.monotonic() - t0)]
+                                   if runs.exists() else [round(time.monotonic() - t0)]))
+    result = {**report(rows, done), "run_seconds": json.loads(runs.read_text()) if runs.exists() else None}
     write_report(args.out, result)
     plot(result, Path(args.out).with_suffix(".png"))
     return 0

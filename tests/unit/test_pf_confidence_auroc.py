@@ -40,3 +40,15 @@ def test_summary_pools_all_samples_and_averages_only_problems_with_both_outcomes
 def test_summary_of_no_problems_is_empty_not_an_error():
     out = auroc_summary([], "x")
     assert out["overall"] is None and out["within_mean"] is None and out["within_problems"] == 0
+
+
+def test_intervals_resample_problems_and_collapse_when_every_problem_ranks_perfectly():
+    from benchmarks.pf_confidence import auroc_intervals
+
+    perfect = [[_s(0.9, True), _s(0.1, False)] for _ in range(5)]
+    out = auroc_intervals(perfect, "x", n_boot=200)
+    assert out == {"overall_ci95": [1.0, 1.0], "within_ci95": [1.0, 1.0]}
+    mixed = [[_s(0.9, True), _s(0.1, False)], [_s(0.2, True), _s(0.8, False)]] * 4
+    lo, hi = auroc_intervals(mixed, "x", n_boot=300)["within_ci95"]
+    assert 0.0 <= lo < 0.5 < hi <= 1.0  # half the problems ranked right, half wrong: the interval straddles 0.5
+    assert auroc_intervals([], "x") == {"overall_ci95": None, "within_ci95": None}
