@@ -216,9 +216,9 @@ def choose_estimator(ids: Sequence[str], recs: dict[str, dict[str, dict[str, Any
 def rescore(rec: dict[str, dict[str, Any]], backend: str) -> dict[str, dict[str, Any]]:
     """One problem's best-of-N draw as if `backend` had scored it (calibrate records every backend's last-step
     score per sample); search runs are dropped, since their paths depended on the backend that guided them. The
-    calculator costs no FLOPs, so an `arith` draw carries no reward FLOPs."""
+    calculator and the policy's own confidence cost no FLOPs, so a draw scored only by them carries no reward FLOPs."""
     bon = dict(rec["bon"])
     bon["samples"] = [dict(s, last=s["last_by"][backend]) for s in bon["samples"]]
-    if backend == "arith":
+    if "prm" not in backend.split("*"):
         bon["reward_flops"] = 0.0
     return {"bon": bon}

@@ -41,3 +41,10 @@ def test_rescore_swaps_the_vote_weights_and_drops_searches():
     assert set(arith) == {"bon"} and arith["bon"]["reward_flops"] == 0.0
     assert bon_outcome(arith["bon"], 3, "weighted") == (False, 31.0)  # calculator weights: 0.2 vs 0.9
     assert rec["bon"]["samples"][0]["last"] == 0.9  # the original record is untouched
+    for s in samples:
+        s["last_by"].update({"confidence": 0.5, "confidence*arith": 0.5 * s["last_by"]["arith"],
+                             "prm*arith": s["last_by"]["prm"] * s["last_by"]["arith"]})
+    # The policy's own confidence costs no reward FLOPs; anything the PRM scored keeps its FLOPs.
+    assert rescore(rec, "confidence")["bon"]["reward_flops"] == 0.0
+    assert rescore(rec, "confidence*arith")["bon"]["reward_flops"] == 0.0
+    assert rescore(rec, "prm*arith")["bon"]["reward_flops"] == 30.0
