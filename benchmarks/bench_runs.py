@@ -44,3 +44,18 @@ def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
     p, d = k / n, 1 + z * z / n
     mid, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
     return [round(mid - half, 3), round(mid + half, 3)]
+
+
+def save_plot(fig, ax, path, title: str, ylabel: str, legend_size: int = 8) -> None:
+    """The benchmarks' accuracy-vs-FLOPs plots: log FLOPs axis, grid, legend, written and closed."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xscale("log")
+    ax.set_xlabel("mean FLOPs per problem")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from service.offline.bank import is_held_out, read_bank  # noqa: E402
 from service.offline.workers import gateway_settings, with_gateway  # noqa: E402
-from bench_runs import finished_runs, wilson, worker_port, write_report  # noqa: E402
+from bench_runs import finished_runs, save_plot, wilson, worker_port, write_report  # noqa: E402
 
 MAX_TOKENS = 96
 TEMPERATURE = 0.8
@@ -112,15 +112,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
             lo, hi = (100 * x for x in r["ci95"])
             ax.errorbar([r["mean_flops"]], [100 * r["accuracy"]], yerr=[[100 * r["accuracy"] - lo],
                         [hi - 100 * r["accuracy"]]], fmt="^", capsize=4, label=f"{label} (live, Wilson 95%)")
-    ax.set_xscale("log")
-    ax.set_xlabel("mean FLOPs per problem")
-    ax.set_ylabel("accuracy %")
-    ax.set_title(f"{result['problems']} held-out bank problems, verifier {BACKEND}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_plot(fig, ax, path, f"{result['problems']} held-out bank problems, verifier {BACKEND}", "accuracy %")
 
 
 def main() -> int:

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from service.offline.calibrate import load_pool  # noqa: E402
 from service.offline.workers import gateway_settings, with_gateway  # noqa: E402
 from service.rewards.confidence import token_confidences, trace_confidence  # noqa: E402
-from bench_runs import finished_runs, wilson, worker_port, write_report  # noqa: E402
+from bench_runs import finished_runs, save_plot, wilson, worker_port, write_report  # noqa: E402
 
 N_DRAW = 8
 BON_NS = (1, 2, 4, 8)
@@ -273,15 +273,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
         if label in t:
             draw(label.replace("_", " ") + ("" if "[" in label else " [arith]"), [t[label]], ls="none",
                  marker="sD^vPX"[k % 6], color=plt.cm.tab20(2 * k + 1 if k < 5 else 14))
-    ax.set_xscale("log")
-    ax.set_xlabel("mean FLOPs per problem")
-    ax.set_ylabel("accuracy % (Wilson 95%)")
-    ax.set_title(f"pf_confidence: {result['problems']} arith_graded problems, 32-token KV blocks")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_plot(fig, ax, path, f"pf_confidence: {result['problems']} arith_graded problems, 32-token KV blocks",
+              "accuracy % (Wilson 95%)", legend_size=7)
 
 
 def main() -> int:
