@@ -85,6 +85,8 @@ class WorkerPool:
     endpoints: list[Endpoint]
     connect_timeout_s: float = 2.0
     request_timeout_s: float = 600.0
+    # A /health probe may take this long beyond the connect timeout before it counts as slow.
+    probe_slack_s: float = 1.0
     metrics: Any = None  # service.metrics.Metrics; optional so the pool stays usable on its own
     _session: aiohttp.ClientSession | None = field(default=None, init=False, repr=False)
 
@@ -218,7 +220,7 @@ class WorkerPool:
             raise WorkerUnavailable(self.name, f"stream broke: {exc}") from exc
 
     async def check_health(self) -> None:
-        probe = aiohttp.ClientTimeout(total=self.connect_timeout_s + 1.0)
+        probe = aiohttp.ClientTimeout(total=self.connect_timeout_s + self.probe_slack_s)
 
         async def one(ep: Endpoint) -> None:
             try:

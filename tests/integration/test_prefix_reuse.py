@@ -48,7 +48,7 @@ def test_search_rounds_hit_the_prefix_cache_and_the_meter_agrees(gateway, model_
     prompt_len = first_prompt["policy_prompt"]
     before = worker_counters(worker)
     assert before["block"] <= 32, "the embedded policy worker should run with 32-token KV blocks"
-    ttc = ask(gateway.base_url, model_name, {"strategy": strategy, "n": 4, "max_rounds": 5}, seed=23)
+    ttc = ask(gateway.base_url, model_name, {"strategy": strategy, "n": 4, "max_rounds": 3}, seed=23)
     after = worker_counters(worker)
     prompt, hits = after["prompt"] - before["prompt"], after["hits"] - before["hits"]
     calls = ttc["calls"]["policy"]
@@ -65,7 +65,7 @@ def test_search_rounds_hit_the_prefix_cache_and_the_meter_agrees(gateway, model_
 
     # The same seeded search again: every prompt is now cached before it is sent, and the meter is exact.
     again_before = worker_counters(worker)
-    again = ask(gateway.base_url, model_name, {"strategy": strategy, "n": 4, "max_rounds": 5}, seed=23)
+    again = ask(gateway.base_url, model_name, {"strategy": strategy, "n": 4, "max_rounds": 3}, seed=23)
     again_after = worker_counters(worker)
     assert again["tokens"]["policy_prompt"] == again_after["prompt"] - again_before["prompt"]
     assert again["tokens"]["policy_cached"] == again_after["hits"] - again_before["hits"]

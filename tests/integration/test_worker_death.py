@@ -62,7 +62,7 @@ def test_worker_death_gives_503_then_recovers(base_url, model_name):
     # The supervisor restarts the worker; the gateway serves again.
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and httpx.get(base_url + "/ready").status_code != 200:
-        time.sleep(2)
+        time.sleep(0.5)
     ready = httpx.get(base_url + "/ready").json()
     assert ready["ready"], ready
     worker = ready["pools"]["policy"]["workers"][0]

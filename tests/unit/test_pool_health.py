@@ -36,11 +36,12 @@ async def test_refused_is_down_at_once_slow_only_after_repeated_timeouts():
 
     async def health(_: web.Request) -> web.Response:
         if stalled.is_set():
-            await asyncio.sleep(5)
+            await asyncio.sleep(1)
         return web.Response(text="ok")
 
     runner, url = await _server(health)
-    pool = WorkerPool.from_urls("policy", "m", [url, f"http://127.0.0.1:{_closed_port()}"], connect_timeout_s=0.1)
+    pool = WorkerPool.from_urls("policy", "m", [url, f"http://127.0.0.1:{_closed_port()}"], connect_timeout_s=0.1,
+                                probe_slack_s=0.1)
     try:
         await pool.check_health()
         slow, refused = pool.endpoints
