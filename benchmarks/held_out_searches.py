@@ -67,10 +67,12 @@ async def run_problem(gw: Any, row: dict[str, Any], done: dict, out: Any) -> Non
 
 
 def replayed(problems: list[dict[str, Any]], table_path: str, head_path: str, bank_path: str) -> dict[str, Any]:
-    """Best-of-N weighted and the shipped `auto` on exactly these problems, from the bank (128 orderings)."""
+    """Best-of-N weighted and the shipped `auto` on exactly these problems, from the bank (128 orderings), with
+    percentile bootstrap 95% intervals over the problems."""
     from service.offline.evaluate import BUDGETS_GEN, RULES, hidden_auto_outcomes, hidden_inputs
     from service.offline.fit import budget_flops
-    from service.offline.replay import NS, BonConfig, all_configs, bank_arrays, replay_orderings
+    from service.offline.replay import (NS, BonConfig, all_configs, bank_arrays, bootstrap_weights,
+                                        replay_orderings, with_intervals)
     from service.router.table import load
 
     bank = bank_arrays(problems)
@@ -78,10 +80,17 @@ def replayed(problems: list[dict[str, Any]], table_path: str, head_path: str, ba
     configs = [c for c in all_configs(NS, rules=RULES[:2]) if c.selection == "majority" or c.backend == BACKEND]
     ok, cost, _ = replay_orderings(bank, configs, r=128, seed=0)
     acc, fl = ok.mean(1), cost.mean(1)
+    w = bootstrap_weights(len(problems), 1000, seed=0)
+
+    def point(a: np.ndarray, f: np.ndarray) -> dict[str, Any]:
+        ci = with_intervals(a[:, None], w)
+        return {"accuracy": float(a.mean()), "ci95": [round(float(ci["lo"][0]), 3), round(float(ci["hi"][0]), 3)],
+                "mean_flops": float(f.mean())}
+
     out: dict[str, Any] = {}
     for n in NS:
         k = next(j for j, c in enumerate(configs) if c == BonConfig(n, "weighted", "last", BACKEND))
-        out[f"best_of_n n={n} weighted"] = {"accuracy": float(acc[:, k].mean()), "mean_flops": float(fl[:, k].mean())}
+        out[f"best_of_n n={n} weighted"] = point(acc[:, k], fl[:, k])
     table = load(table_path)
     hid = hidden_inputs(argparse.Namespace(difficulty_head=head_path, features=None, bank=bank_path), problems, None)
     stat = np.array([hid["prediction"][p["id"]] for p in problems])
@@ -89,7 +98,7 @@ def replayed(problems: list[dict[str, Any]], table_path: str, head_path: str, ba
     budgets = [budget_flops(g, table.generation_flops) for g in BUDGETS_GEN]
     aa, af = hidden_auto_outcomes(table, acc, fl, configs, stat, enc, budgets, [p["question"] for p in problems])
     for j, g in enumerate(BUDGETS_GEN):
-        out[f"auto B={g} gen"] = {"accuracy": float(aa[:, j].mean()), "mean_flops": float(af[:, j].mean())}
+        out[f"auto B={g} gen"] = point(aa[:, j], af[:, j])
     return out
 
 
