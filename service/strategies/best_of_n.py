@@ -41,6 +41,7 @@ from .confidence import (OnlineStop, consensus, first_stop, token_confidence, to
 
 from .base import Completion, ComputeBudget, Policy, Problem, ProgressCallback, Reward, SamplingParams, StrategyResult
 from .calls import BudgetedCalls, build_result, empty_result, score_candidates, start_sampling
+from .steps import split_steps
 from .params import DEFAULT_STEP_DELIMITER, BestOfNParams
 from .stopping import StoppingRule, leader_probability, rule_of, stop_reason
 from .voting import (Candidate, aggregate_scores, extract_answer, group_by_answer, group_by_answer_async,
@@ -104,7 +105,46 @@ class BestOfN:
         selection = await score_candidates(calls, problem.question, new, p.selection, p.aggregation)
         if prior is not None and prior.scores is None:
             selection = "majority"
-        return await self._vote(calls, problem, old + new, selection, prior)
+        details = {}
+        if p.top_up and out[0] and len(old) + len(new) < p.n:
+            rounds = await self._top_up(calls, problem, sampling, new, p.n - len(old), selection, extract)
+            details["top_up"] = {"rounds": len(rounds), "samples": [len(out[0])] + rounds}
+            calls.exhausted = len(old) + len(new) < p.n
+        return await self._vote(calls, problem, old + new, selection, prior, **details)
+
+    async def _top_up(self, calls: BudgetedCalls, problem: Problem, sampling: SamplingParams, candidates: list[Candidate],
+                      want: int, selection: str, extract) -> list[int]:
+        """Draw again while the budget pays for more of the N samples. The first call was sized on the worst case
+        (every sample running to max_tokens); once it has been metered for what it really cost, the rest of the
+        budget usually pays for more. Each round keeps the scoring of its own samples reserved (at the costliest
+        scoring seen so far per sample), so what it draws can vote the same way; a round whose scoring still does not
+        fit is left out of the vote. Extends `candidates` in place; returns the sizes of the extra rounds."""
+        p = self.params
+        scored = selection != "majority"
+        per_sample = max((calls.reward_estimate(problem.question, [split_steps(c.text, DEFAULT_STEP_DELIMITER)])
+                          for c in candidates), default=0.0) if scored else 0.0
+        rng, rounds = random.Random(), []
+        while len(candidates) < want:
+            size = calls.budget.affordable(
+                want - len(candidates),
+                lambda k: calls.policy.estimate_flops([problem.prompt], sampling, k) + k * per_sample)
+            if size == 0:
+                break
+            # Fresh seeds per round (a seeded request gets a derived seed per call in BudgetedCalls): the gateway's
+            # sample reuse would otherwise hand this round the samples the first call already voted with.
+            params = sampling if problem.seed is not None else replace(sampling, seed=rng.randrange(2**31))
+            out = await calls.generate([problem.prompt], params, size, reserve=size * per_sample)
+            if out is None or not out[0]:
+                break
+            batch = [Candidate.of(c.text, 1.0, c.finish_reason, c.token_count, extract) for c in out[0]]
+            if scored:
+                if await score_candidates(calls, problem.question, batch, selection, p.aggregation) == "majority":
+                    break
+                per_sample = max([per_sample] + [calls.reward_estimate(
+                    problem.question, [split_steps(c.text, DEFAULT_STEP_DELIMITER)]) for c in batch])
+            candidates += batch
+            rounds.append(len(batch))
+        return rounds
 
     def _prior_candidates(self, prior: Prior | None, extract) -> list[Candidate]:
         if prior is None:

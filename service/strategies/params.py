@@ -109,6 +109,9 @@ class BestOfNParams(_Sampled):
     hopeless_score: float = Field(0.2, gt=0.0, le=1.0)
     # 1 decides after every sample, as the replay does; larger rounds trade FLOPs for fewer engine calls.
     round_size: int = Field(1, ge=1, strict=True)
+    # Under a budget that cut N on the worst case (every sample to max_tokens), draw again once the first samples'
+    # real cost is metered, while the budget pays for more (best_of_n._top_up). False: one call, lower latency.
+    top_up: bool = Field(True, strict=True)
 
     @field_validator("online")
     @classmethod

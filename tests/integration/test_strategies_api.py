@@ -104,6 +104,23 @@ def test_best_of_n_early_stopping_through_api(base_url, model_name):
     assert usage["usage"]["flops"] <= budget and "early_stopping" in usage["ttc"]["details"]
 
 
+def test_best_of_n_tops_up_what_the_worst_case_cut(base_url, model_name):
+    """max_tokens 256 makes the worst case of one sample several times its real cost: the first call is cut to a
+    few samples, then top-up rounds draw more once the real cost is metered, and the total stays within budget."""
+    budget = 3.0e11
+    body = {"model": model_name, "messages": MESSAGES, "max_tokens": 256, "seed": 21,
+            "ttc": {"strategy": "best_of_n", "n": 12}}
+    r = httpx.post(base_url + "/v1/chat/completions", json=body, headers={"X-TTC-Budget-FLOPs": f"{budget}"},
+                   timeout=600)
+    assert r.status_code == 200, r.text
+    ttc = r.json()["ttc"]
+    top_up = ttc["details"]["top_up"]
+    assert top_up["rounds"] >= 1 and top_up["samples"][0] < 12, top_up
+    assert ttc["samples"] == sum(top_up["samples"]) > top_up["samples"][0]
+    assert ttc["details"]["selection_used"] == "weighted" and ttc["details"]["n_used"] == ttc["samples"]
+    assert ttc["calls"]["policy"] == top_up["rounds"] + 1 and float(r.headers["x-ttc-flops"]) <= budget
+
+
 @pytest.mark.parametrize("ttc,param", [
     ({"strategy": "best_of_n", "selection": "majority", "hopeless_k": 4}, "ttc.hopeless_k"),
     ({"strategy": "beam_search", "n": 4, "beam_width": 8}, "ttc.beam_width"),
