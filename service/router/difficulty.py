@@ -54,6 +54,7 @@ async def probe_difficulty(problem: Problem, policy: Policy, reward: Reward, tab
     calls = BudgetedCalls(policy, reward, budget, problem.seed)
     sampling = SamplingParams(max_tokens=problem.max_tokens, temperature=float(table.probe.get("temperature", 0.8)),
                               top_p=problem.top_p, stop=problem.stop)
+    await calls.count_prompt_tokens([problem.prompt])
     k = calls.affordable(problem.prompt, sampling, k)
     if k == 0:
         return ProbeResult(0.0, table.bin_of(0.0), [], None, 0.0, True)

@@ -76,6 +76,7 @@ class BestOfN:
             problem = replace(problem, seed=problem.seed + 1)
         calls, sampling = start_sampling(p, problem, policy, reward, budget, self.requires_reward)
         extract = json_answer if problem.structured else extract_answer
+        await calls.count_prompt_tokens([problem.prompt])
         old = self._prior_candidates(prior, extract)
         rule = rule_of(p)
         if rule is not None:

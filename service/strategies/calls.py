@@ -49,9 +49,15 @@ class BudgetedCalls:
                 groups[n].append(prompt)
         return sum(self.policy.estimate_flops(group, params, n) for n, group in groups.items())
 
+    async def count_prompt_tokens(self, prompts: Sequence[str]) -> None:
+        """Exact prompt tokens for the policy's estimates (before that they are a byte-level upper bound, which
+        would size a sample count far too small)."""
+        if prompts and hasattr(self.policy, "count_prompt_tokens"):
+            await self.policy.count_prompt_tokens(list(prompts))
+
     def affordable(self, prompt: str, params: SamplingParams, n: int) -> int:
         """The largest count <= n of samples of `prompt` whose worst-case cost fits the budget (anytime N; the
-        budget's one shrink rule)."""
+        budget's one shrink rule). Await `count_prompt_tokens([prompt])` first, or the count is sized on the bound."""
         return self.budget.affordable(n, lambda k: self.policy.estimate_flops([prompt], params, k))
 
     def fits(self, flops: float) -> bool:
@@ -68,9 +74,8 @@ class BudgetedCalls:
         `reserve`: FLOPs that must remain afterwards (e.g. scoring the results), so generation is not wasted.
         """
         counts = [ns] * len(prompts) if isinstance(ns, int) else list(ns)
-        if prompts and hasattr(self.policy, "count_prompt_tokens"):
-            # Exact prompt tokens first, so the worst case below is a true upper bound whatever the text.
-            await self.policy.count_prompt_tokens([p for p, n in zip(prompts, counts) if n > 0])
+        # Exact prompt tokens first, so the worst case below is a true upper bound whatever the text.
+        await self.count_prompt_tokens([p for p, n in zip(prompts, counts) if n > 0])
         if not prompts or not self.fits(self.generation_estimate(prompts, params, counts) + reserve):
             return None
         params = self._params(params)
@@ -113,8 +118,7 @@ class BudgetedCalls:
         `first_sample`: with a request seed, sample i gets the seed of sample `first_sample + i` of the request's
         first call (vLLM seeds the children of an n>1 request seed + i), so these samples continue that call's draws
         instead of starting from a derived seed."""
-        if hasattr(self.policy, "count_prompt_tokens"):
-            await self.policy.count_prompt_tokens([prompt])
+        await self.count_prompt_tokens([prompt])
         if n <= 0 or not self.fits(self.separate_estimate(prompt, params, n)):
             return None
         if self._seed is not None and first_sample is not None:

@@ -153,3 +153,27 @@ async def test_top_up_is_validated():
     with pytest.raises(StrategyParamError) as err:
         build_strategy("best_of_n", {"top_up": "yes"})
     assert err.value.param == "top_up"
+
+
+class CountingPolicy(FakePolicy):
+    """Like the served policy client: estimates use a 4x prompt-token bound until the prompt has been counted."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.counted: set[str] = set()
+
+    async def count_prompt_tokens(self, prompts):
+        self.counted.update(prompts)
+
+    def estimate_flops(self, prompts, params, n=1):
+        return sum((len(tokens(p)) * (1 if p in self.counted else 4) + params.max_tokens) * n * self.flops_per_token
+                   for p in prompts)
+
+
+async def test_first_call_is_sized_on_the_counted_prompt_not_the_bound():
+    meter = FlopMeter()
+    policy = CountingPolicy(from_solutions([RIGHT]), meter)
+    exact = FakePolicy(from_solutions([RIGHT])).estimate_flops([BASE_PROMPT], _params(), 1)
+    result = await build_strategy("best_of_n", {"n": 8, "top_up": False}).run(
+        PROBLEM, policy, ArithmeticReward(), meter.budget(3.5 * exact))
+    assert [c.ns for c in policy.calls] == [[3]] and result.details["n_used"] == 3
