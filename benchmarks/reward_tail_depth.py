@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from reward_prefix_probe import post, rows  # noqa: E402
 
+from service.metering import ModelShape  # noqa: E402
 from service.models.prm_head import PRMHead, PRMTokenizer, step_features  # noqa: E402
 
 
@@ -54,6 +55,7 @@ def main() -> None:
     rng = random.Random(args.seed)
     q = (f"Run {time.time():.0f}: a shop has {rng.randint(100, 999)} items and sells some every day, buying more "
          "on some days. Follow each day's change and say how many items it has at the end.")
+    shape = ModelShape.from_path(args.model_dir)  # what the gateway's meter charges per pooling pass
     d_model = head.dim // 3
     table, max_diff = [], 0.0
     csums: dict[tuple[str, ...], np.ndarray] = {(): np.zeros(d_model)}  # running solution-state sums per prefix
@@ -86,6 +88,9 @@ def main() -> None:
         full_rows = [rows(it) for it in sorted(full["data"], key=lambda d: d["index"])]
         tail_rows = [rows(it) for it in sorted(tail["data"], key=lambda d: d["index"])]
         fallbacks, computed = 0, sum(len(r) for r in tail_rows)
+        flops_full = sum(shape.encode_flops(len(lay.token_ids)) for lay in lays)
+        flops_tail = sum(shape.encode_flops(len(lay.token_ids), len(lay.token_ids) - len(r))
+                         for lay, r in zip(lays, tail_rows))
         for (question, steps), lay, fr, tr in zip(cands, lays, full_rows, tail_rows):
             start, end = lay.step_spans[-1]
             cached = len(lay.token_ids) - len(tr)
@@ -94,6 +99,7 @@ def main() -> None:
                 salted, _ = post(args.tail_url, {**body, "input": [lay.token_ids], "cache_salt": f"fb{time.time()}"})
                 tr = rows(salted["data"][0])
                 computed += len(tr)
+                flops_tail += shape.encode_flops(len(lay.token_ids))
                 cached = 0
             new = tr[start - cached:end - cached].astype(np.float64)
             csum_new = csums[(question,) + tuple(steps[:-1])] if steps[:-1] else np.zeros(d_model)
@@ -107,13 +113,18 @@ def main() -> None:
         requested = sum(len(lay.token_ids) for lay in lays)
         table.append({"depth": depth + 1, "candidates": len(cands), "requested": requested,
                       "full_computed": sum(len(r) for r in full_rows), "tail_computed": computed,
+                      "full_flops": flops_full, "tail_flops": flops_tail,
                       "fallbacks": fallbacks, "full_ms": round(t_full * 1000), "tail_ms": round(t_tail * 1000)})
         r = table[-1]
         print(f"depth {r['depth']:2d}  candidates {len(cands):3d}  tokens requested {requested:5d}  full "
               f"{r['full_computed']:5d} ({r['full_ms']:5d} ms)  tail {computed:5d} ({r['tail_ms']:5d} ms)  "
-              f"fallbacks {fallbacks}  tail/full {computed / r['full_computed']:.2f}")
+              f"fallbacks {fallbacks}  tail/full tokens {computed / r['full_computed']:.2f}  FLOPs full "
+              f"{flops_full:.2e} tail {flops_tail:.2e} ({flops_tail / flops_full:.2f})")
     tot_f = sum(r["full_computed"] for r in table)
     tot_t = sum(r["tail_computed"] for r in table)
+    fl_f = sum(r["full_flops"] for r in table)
+    fl_t = sum(r["tail_flops"] for r in table)
+    print(f"reward FLOPs over {len(table)} rounds: full {fl_f:.3e}, tail {fl_t:.3e}, ratio {fl_t / fl_f:.3f}")
     print(f"total over {len(table)} rounds, {'bank' if args.bank else f'N={args.n}'}: full {tot_f} tokens, tail {tot_t} tokens, "
           f"ratio {tot_t / tot_f:.3f}; max |step score diff| {max_diff:.2e}")
     out = ROOT / ("benchmarks/results/reward_tail_depth_bank.json" if args.bank else

