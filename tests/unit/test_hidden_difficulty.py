@@ -11,6 +11,7 @@ import pytest
 from service.router.hidden_difficulty import HiddenDifficultyHead, load_head, pooled_features
 from service.router.table import PolicyTable, load
 from tests.unit.fakes import BASE_PROMPT, FakePolicy, FakeReward, FlopMeter, round_robin
+from service.strategies.base import SamplingParams
 
 
 def _data(n: int = 60, d: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -116,3 +117,18 @@ def test_auto_looks_up_the_requests_budget_not_what_the_estimate_left(tmp_path):
     (result, info), meter = _run(table, enc, limit=100.0)
     assert info["estimator"] == "hidden" and info["params"]["n"] == 3 and info["probe_flops"] == 5.0
     assert meter.total <= 100.0 and result.text
+
+
+def test_auto_skips_the_head_when_its_prefill_would_leave_no_answer(tmp_path):
+    # The budget pays one worst-case answer but not the head's prefill on top: the free prompt estimator decides,
+    # and the request still gets an answer (paying the prefill would have left nothing to sample with).
+    table = _hidden_table(tmp_path)
+    one_answer = FakePolicy(round_robin(["x"])).estimate_flops(
+        [BASE_PROMPT], SamplingParams(max_tokens=40, temperature=0.8), 1)
+    enc = FakeEncoder(FlopMeter(), value=3.0, flops=one_answer / 2)
+    (result, info), meter = _run(table, enc, limit=one_answer * 1.2)
+    assert enc.calls == 0 and info["estimator"] == "prompt" and result.samples == 1 and result.text
+    assert meter.total <= one_answer * 1.2
+    enc = FakeEncoder(FlopMeter(), value=3.0, flops=one_answer / 2)
+    (result, info), _ = _run(table, enc, limit=one_answer * 1.6)
+    assert enc.calls == 1 and info["estimator"] == "hidden" and result.samples >= 1
