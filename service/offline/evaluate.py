@@ -111,11 +111,15 @@ def evaluate(header: dict[str, Any], problems: Sequence[dict[str, Any]], backend
         stat = np.array([float(hidden["prediction"][i]) for i in bank.ids])
         report["hidden_estimator"] = {"head": hidden.get("path"), "version": hidden.get("version"),
                                       "mean_encode_flops": float(np.mean(list(hidden["encode_flops"].values())))}
+    stat_fit = stat[fit]
+    if hidden is not None and hidden.get("fit_prediction"):
+        stat_fit = np.array([float(hidden["fit_prediction"].get(bank.ids[i], stat[i])) for i in fit])
+        report["hidden_estimator"]["table_fitted_on"] = "out-of-fold predictions (5 folds)"
     gen_table, budgets_table = gen, budgets
     if hidden is not None:  # the head's prefill is paid on top of the configuration: part of every budget level
         gen_table = dict(gen, estimation=report["hidden_estimator"]["mean_encode_flops"])
         budgets_table = [budget_flops(g, gen_table) for g in BUDGETS_GEN]
-    table = evidence_table(acc[fit][:, mine], fl[fit][:, mine], cfgs, stat[fit], bank.correct[fit].any(1),
+    table = evidence_table(acc[fit][:, mine], fl[fit][:, mine], cfgs, stat_fit, bank.correct[fit].any(1),
                            BUDGETS_GEN, gen_table, backend, prior_strength, min_gain,
                            questions=[bank.questions[i] for i in fit] if all(bank.questions) else None)
     if hidden is not None:
@@ -372,9 +376,26 @@ def hidden_inputs(args: argparse.Namespace, problems: Sequence[dict[str, Any]], 
     return {"path": args.difficulty_head, "version": head.version,
             "prediction": {p["id"]: float(head.predict_features(feats[p["id"]].astype(np.float64))[0])
                            for p in problems},
+            "fit_prediction": fit_predictions(head, feats, problems, args.holdout),
             "encode_flops": {p["id"]: shape.encode_flops(len(tok.encode(p["question"].strip(),
                                                                         add_special_tokens=False)))
                              for p in problems}}
+
+
+def fit_predictions(head: Any, feats: dict[str, np.ndarray], problems: Sequence[dict[str, Any]],
+                    holdout: float) -> dict[str, float]:
+    """Out-of-fold predictions for the problems the table is fitted on, from heads refitted with the shipped head's
+    label and ridge. The shipped head was fitted on these very problems, so its own predictions of them are better
+    than what it says of a new problem; a table cut on those would trust its bins more than serving can."""
+    from .train_difficulty import labels, out_of_fold
+
+    fit = [p for p in problems if not is_held_out(p["id"], holdout)]
+    label, ridge = head.metadata.get("label", "pass_at_1"), float(head.metadata.get("ridge", 1000.0))
+    if len(fit) < 10:
+        return {}
+    X = np.stack([feats[p["id"]] for p in fit]).astype(np.float64)
+    pred = out_of_fold(X, labels(fit)[label], ridge)
+    return {p["id"]: float(v) for p, v in zip(fit, pred)}
 
 
 def main(settings: Any, args: argparse.Namespace) -> int:

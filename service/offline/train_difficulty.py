@@ -41,17 +41,23 @@ def _folds(n: int, k: int, seed: int) -> list[np.ndarray]:
     return np.array_split(np.random.default_rng(seed).permutation(n), k)
 
 
+def out_of_fold(X: np.ndarray, y: np.ndarray, ridge: float, k: int = 5, seed: int = 0) -> np.ndarray:
+    """Each problem's prediction from a head fitted on the other folds: what the head says of a problem it never
+    saw, which is what it does in serving."""
+    pred = np.zeros(len(y))
+    for fold in _folds(len(y), k, seed):
+        train = np.setdiff1d(np.arange(len(y)), fold)
+        pred[fold] = HiddenDifficultyHead.fit(X[train], y[train], ridge).predict_features(X[fold])
+    return pred
+
+
 def cross_validate(X: np.ndarray, y: np.ndarray, truth: np.ndarray, ridge: float, k: int = 5,
                    seed: int = 0) -> float:
     """Spearman of out-of-fold predictions against `truth` (pass@1)."""
     k = min(k, len(y))
     if k < 2:
         return 0.0
-    pred = np.zeros(len(y))
-    for fold in _folds(len(y), k, seed):
-        train = np.setdiff1d(np.arange(len(y)), fold)
-        pred[fold] = HiddenDifficultyHead.fit(X[train], y[train], ridge).predict_features(X[fold])
-    return spearman(list(pred), list(truth)) or 0.0
+    return spearman(list(out_of_fold(X, y, ridge, k, seed)), list(truth)) or 0.0
 
 
 def select_and_fit(X: np.ndarray, labs: dict[str, np.ndarray], seed: int = 0

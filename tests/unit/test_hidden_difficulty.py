@@ -132,3 +132,48 @@ def test_auto_skips_the_head_when_its_prefill_would_leave_no_answer(tmp_path):
     enc = FakeEncoder(FlopMeter(), value=3.0, flops=one_answer / 2)
     (result, info), _ = _run(table, enc, limit=one_answer * 1.6)
     assert enc.calls == 1 and info["estimator"] == "hidden" and result.samples >= 1
+
+
+def _bank_problems(n: int, seed: int = 0) -> tuple[list[dict], dict[str, np.ndarray]]:
+    from tests.unit.offline_fakes import correct_or_distinct
+
+    rng = np.random.default_rng(seed)
+    problems, feats = [], {}
+    for i in range(n):
+        k = int(rng.integers(0, 9))
+        problems.append(correct_or_distinct(f"q{i}", k, n=8))
+        feats[f"q{i}"] = np.r_[k / 8 + rng.normal(scale=0.05), rng.normal(size=5)]
+    return problems, feats
+
+
+def test_the_table_is_fitted_on_out_of_fold_predictions_never_on_a_problems_own_label():
+    from service.offline.bank import is_held_out
+    from service.offline.evaluate import fit_predictions
+
+    problems, feats = _bank_problems(60)
+    head = HiddenDifficultyHead.fit(np.stack([feats[p["id"]] for p in problems]), [0.0] * 60, 10.0,
+                                    {"label": "pass_at_1", "ridge": 10.0})
+    pred = fit_predictions(head, feats, problems, 0.3)
+    fit_ids = [p["id"] for p in problems if not is_held_out(p["id"], 0.3)]
+    assert sorted(pred) == sorted(fit_ids)  # the held-out problems are never part of the folds
+    truth = {p["id"]: np.mean([s["correct"] for s in p["samples"]]) for p in problems}
+    assert np.corrcoef([pred[i] for i in fit_ids], [truth[i] for i in fit_ids])[0, 1] > 0.9
+    # Flip one fitted problem's label: its own prediction must not move (its fold never saw it), others' may.
+    j = next(k for k, p in enumerate(problems) if p["id"] == fit_ids[0])
+    flipped = [dict(p, samples=[dict(s, correct=not s["correct"]) for s in p["samples"]]) if k == j else p
+               for k, p in enumerate(problems)]
+    again = fit_predictions(head, feats, flipped, 0.3)
+    assert again[fit_ids[0]] == pytest.approx(pred[fit_ids[0]], abs=1e-12)
+    assert any(abs(again[i] - pred[i]) > 1e-6 for i in fit_ids[1:])
+
+
+def test_replay_cuts_the_tables_bins_on_the_fit_predictions_when_given():
+    from service.offline.evaluate import evaluate
+
+    problems, _ = _bank_problems(40, seed=1)
+    hidden = {"path": "head.npz", "version": "v", "encode_flops": {p["id"]: 1.0 for p in problems},
+              "prediction": {p["id"]: float(i) for i, p in enumerate(problems)},
+              "fit_prediction": {p["id"]: 100.0 + i for i, p in enumerate(problems)}}
+    rep, table = evaluate({"models": {}}, problems, "prm", r=4, n_boot=20, hidden=hidden)
+    assert table.cuts and min(table.cuts) > 100.0
+    assert rep["hidden_estimator"]["table_fitted_on"].startswith("out-of-fold")
