@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .bank import BACKENDS, StaleBank, current_models, is_held_out, read_bank
-from .policy import compute_optimal_cv, evidence_table, quantile_bins, table_outcomes
+from .policy import compute_optimal_cv, cv_prior_strength, evidence_table, quantile_bins, table_outcomes
 from .auto_replay import auto_outcomes
 from .replay import (NS, BonConfig, all_configs, bank_arrays, bootstrap_weights, params_signature,
                      ratio_with_interval, replay_orderings, with_intervals)
@@ -54,7 +54,7 @@ def _ratio(r: dict[str, Any]) -> dict[str, Any]:
 
 
 def evaluate(header: dict[str, Any], problems: Sequence[dict[str, Any]], backend: str = "prm*arith", r: int = 128,
-             n_boot: int = 1000, seed: int = 0, holdout: float = 0.3, prior_strength: float = 4.0,
+             n_boot: int = 1000, seed: int = 0, holdout: float = 0.3, prior_strength: float | None = None,
              min_gain: float = 0.005, stopping: Sequence[StoppingRule] = (),
              hidden: dict[str, Any] | None = None) -> tuple[dict[str, Any], Any]:
     """(report, the evidence table fitted on the non-held-out problems). `stopping`: early-stopping rules added to
@@ -119,6 +119,11 @@ def evaluate(header: dict[str, Any], problems: Sequence[dict[str, Any]], backend
     if hidden is not None:  # the head's prefill is paid on top of the configuration: part of every budget level
         gen_table = dict(gen, estimation=report["hidden_estimator"]["mean_encode_flops"])
         budgets_table = [budget_flops(g, gen_table) for g in BUDGETS_GEN]
+    strength_cv = None
+    if prior_strength is None:  # chosen by 5-fold cross-validation on the fitted problems only
+        prior_strength, strength_cv = cv_prior_strength(
+            acc[fit][:, mine], fl[fit][:, mine], cfgs, stat_fit, bank.correct[fit].any(1), BUDGETS_GEN, gen_table,
+            backend, budgets_table, seed=seed, min_gain=min_gain)
     table = evidence_table(acc[fit][:, mine], fl[fit][:, mine], cfgs, stat_fit, bank.correct[fit].any(1),
                            BUDGETS_GEN, gen_table, backend, prior_strength, min_gain,
                            questions=[bank.questions[i] for i in fit] if all(bank.questions) else None)
@@ -129,7 +134,10 @@ def evaluate(header: dict[str, Any], problems: Sequence[dict[str, Any]], backend
     table.calibration.update({"problem_ids": [bank.ids[i] for i in fit], "held_out_ids": [bank.ids[i] for i in ho],
                               "source": "sample bank replay", "bank_created": header.get("created"),
                               "datasets": header.get("datasets")})
+    if strength_cv is not None:
+        table.calibration["prior_strength_cv"] = {f"{k:g}": round(v, 5) for k, v in strength_cv.items()}
     report["table"] = {"fitted_on": len(fit), "held_out": len(ho), "cuts": table.cuts,
+                       "prior_strength": prior_strength, "prior_strength_cv": table.calibration.get("prior_strength_cv"),
                        "entries": [{k: e[k] for k in ("bin", "budget_generations", "params", "expected_accuracy",
                                                       "n_problems", "hopeless")} for e in table.entries]}
     if n_ho:
@@ -260,6 +268,11 @@ def markdown(rep: dict[str, Any]) -> str:
         ratio = "not reached" if r["ratio"] is None else f"{r['ratio']:.2f}x [{r['lo']:.2f}, {r['hi']:.2f}]"
         lines.append(f"| {name} | " + " | ".join(f"{pct(p['accuracy'])} ({fl(p['flops'])})" for p in pol["curve"])
                      + f" | {ratio} (not reached in {100 * r['not_reached_share']:.0f}% of resamples) |")
+    if rep["table"].get("prior_strength") is not None:
+        cv = rep["table"].get("prior_strength_cv")
+        lines += ["", f"Evidence table fitted on {rep['table']['fitted_on']} problems, prior strength "
+                      f"{rep['table']['prior_strength']:g}" + (" (5-fold CV on them, mean accuracy over budgets: "
+                      + ", ".join(f"{k}: {100 * v:.2f}%" for k, v in cv.items()) + ")" if cv else "") + "."]
     diffs = rep["table"].get("auto_minus_best_fixed")
     if diffs:
         cell = lambda d: ("-" if not d.get("fixed") else  # noqa: E731
@@ -293,7 +306,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--orderings", type=int, default=128)
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--holdout", type=float, default=0.3, help="share of problems held out of the table fit")
-    p.add_argument("--prior-strength", type=float, default=4.0, help="Beta prior strength (pseudo-problems)")
+    p.add_argument("--prior-strength", type=float, default=None,
+                   help="Beta prior strength (pseudo-problems); default: chosen by 5-fold CV on the fitted problems")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--allow-stale", action="store_true", help="accept a bank from another model or PRM head")
     p.add_argument("--stopping", action="store_true",

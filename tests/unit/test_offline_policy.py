@@ -129,3 +129,36 @@ def test_auto_replay_pays_for_its_probe_and_reuses_it():
     # 24 FLOPs: the entry is looked up with the request's budget, not the 18 the probe left: majority n=2 -> a
     # majority vote over the 4 probe samples; the probe's scoring is paid.
     assert flops[:, 2].tolist() == [6.0] * 4 and np.allclose(acc[:, 2], ok[:, :, maj4].mean(1))
+
+
+def _strength_case(informative: bool, seed: int = 0):
+    """Two kinds of problem: on the easy fifth majority is best, on the hard rest weighted. Pooled, weighted wins by
+    far, so a strong prior overrules the easy bin's own evidence. `informative`: the statistic tells the kinds
+    apart; otherwise it is noise, every bin holds both kinds, and a bin's own winner is luck."""
+    configs = [BonConfig(n, "weighted") for n in NS] + [BonConfig(n, "majority") for n in NS]
+    rng = np.random.default_rng(seed)
+    P = 300
+    hard = rng.random(P) < 0.8
+    stat = np.where(hard, 0.0, 1.0) + rng.normal(scale=0.1, size=P) if informative else rng.random(P)
+    easy_curve = np.array([0.5, 0.6, 0.7, 0.8, 0.9, 0.5, 0.7, 0.95, 0.95, 0.95])
+    hard_curve = np.array([0.1, 0.3, 0.5, 0.6, 0.7, 0.1, 0.1, 0.1, 0.2, 0.3])
+    expected = np.where(hard[:, None], hard_curve[None, :], easy_curve[None, :])
+    draws = 16 if informative else 1  # replay averages orderings; one draw is the noisiest evidence
+    acc = (rng.random((draws, P, len(configs))) < expected).mean(0)
+    flops = np.tile(np.array([c.n for c in configs], float), (P, 1))
+    return configs, acc, flops, stat
+
+
+def test_cross_validated_prior_strength_trusts_bins_only_where_they_carry_evidence():
+    from service.offline.policy import cv_prior_strength
+
+    gen = {"per_generation": 1.0, "question_charge": 0.0}
+    picks = {}
+    for informative in (True, False):
+        configs, acc, flops, stat = _strength_case(informative)
+        s, scores = cv_prior_strength(acc, flops, configs, stat, acc.max(1) > 0, (1, 4, 16), gen, "prm*arith",
+                                      [1.0, 4.0, 16.0])
+        assert set(scores) == {1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0} and s in scores
+        picks[informative] = s
+    assert picks[True] <= 16.0     # bins that separate the kinds: their own evidence beats the pooled curve
+    assert picks[False] >= 32.0    # bins of noise: lean on the pooled curve
