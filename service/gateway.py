@@ -29,8 +29,8 @@ from .workers.policy import PolicyClient
 from .workers.pool import WorkerPool
 from .workers.reward import CachedStepScorer, MeteredPromptEncoder, MeteredPRM, PRMClient
 from .workers.step_prm import StepTagFormat, StepTagPRMClient
-from .workers.supervisor import (BUNDLED_TOOL_TEMPLATE, ManagedWorker, Supervisor, WorkerSpec, step_pooling_args,
-                                 tool_calling_args)
+from .workers.supervisor import (BUNDLED_TOOL_TEMPLATE, PREFIX_READING_SERVER, ManagedWorker, Supervisor, WorkerSpec,
+                                 step_pooling_args, tool_calling_args)
 
 DEFAULT_PRM_HEAD = Path(__file__).parent / "data" / "prm_head_smollm2.npz"
 DEFAULT_POLICY_TABLE = Path(__file__).parent / "data" / "policy_table_smollm2.json"
@@ -156,7 +156,8 @@ class Gateway:
         check_head_layers(head.layers, shape.n_layer, f"PRM head {head_path}", model)
         tokenizer = PRMTokenizer.from_model_dir(model, head)
         return PRMClient(pool, shape, head, tokenizer, cache=self.cache, cache_ttl_s=s.cache_prm_ttl_s,
-                         max_model_len=s.reward.max_model_len)
+                         max_model_len=s.reward.max_model_len,
+                         tail_states=s.reward.tail_states if s.reward.prefix_reads else 0)
 
     def _build_pool(self, role: str, pool_settings: WorkerPoolSettings, model_dir: str) -> WorkerPool:
         s = self.settings
@@ -181,6 +182,8 @@ class Gateway:
                         and pool_settings.format != "head":
                     fmt = StepTagFormat.from_settings(pool_settings)
                     spec.pooling_args = step_pooling_args(fmt.name, fmt.step_tag_id or 0)
+                elif role == "reward" and isinstance(pool_settings, RewardPoolSettings) and pool_settings.prefix_reads:
+                    spec.server_module = PREFIX_READING_SERVER
                 self.supervisor.add(ManagedWorker(spec, ep, s.models_dir.parent / "logs", s.vllm_cpu_threads,
                                                   s.worker_start_timeout_s, s.worker_restart), pool)
         return pool

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import secrets
 import struct
 from typing import Any, Sequence
 
@@ -30,9 +31,10 @@ import numpy as np
 from ..cache.base import Cache
 from ..cache.keys import cache_key
 from ..metering import Meter, ModelShape
-from ..models.prm_head import PRMHead, PRMLayout, PRMTokenizer, normalise_step, step_features
-from .pool import WorkerPool
+from ..models.prm_head import PRMHead, PRMLayout, PRMTokenizer, normalise_step
+from .pool import WorkerError, WorkerPool
 from .pooling import decode_hidden, pooling
+from .reward_tail import StateLRU, StepState, borrow_rows, tail_scores
 
 log = logging.getLogger("ttc.reward")
 
@@ -106,8 +108,9 @@ class CachedStepScorer:
             keys.append(cache_key("prm", tenant, {"head": self.version, "model": self.model, "prefix": chain.hex()}))
         return keys
 
-    async def _score_uncached(self, question: str, candidates: Sequence[Sequence[str]],
-                              meter: Meter | None) -> list[list[float]]:
+    async def _score_uncached(self, question: str, candidates: Sequence[Sequence[str]], meter: Meter | None,
+                              keys: Sequence[Sequence[str]] | None = None) -> list[list[float]]:
+        """Scores of every step of each candidate; `keys[i]` are candidate i's step keys (step_keys)."""
         raise NotImplementedError
 
     async def score(self, question: str, candidates: Sequence[Sequence[str]], meter: Meter | None = None,
@@ -133,9 +136,12 @@ class CachedStepScorer:
             return [list(r) for r in results]  # type: ignore[arg-type]
         # Identical candidates in one round are scored once.
         unique: dict[tuple[str, ...], int] = {}
+        unique_keys: list[list[str]] = []
         for i in todo:
-            unique.setdefault(tuple(candidates[i]), len(unique))
-        scored = await self._score_uncached(question, [list(c) for c in unique], meter)
+            if tuple(candidates[i]) not in unique:
+                unique[tuple(candidates[i])] = len(unique)
+                unique_keys.append(keys[i])
+        scored = await self._score_uncached(question, [list(c) for c in unique], meter, unique_keys)
         writes: dict[str, bytes] = {}
         for i in todo:
             s = scored[unique[tuple(candidates[i])]]
@@ -167,10 +173,18 @@ class CachedStepScorer:
 
 
 class PRMClient(CachedStepScorer):
-    """The bundled learned PRM: hidden states from a token_embed pooling worker, step scores from the numpy head."""
+    """The bundled learned PRM: hidden states from a token_embed pooling worker, step scores from the numpy head.
+
+    Rows: a worker that reads its prefix cache (service/workers/pooling_server.py) returns only the rows it
+    computed, the LAST ones. A candidate extending a parent whose running state is held (`states`, reward_tail)
+    needs only its new steps' rows; rows it still lacks come from a sibling in the same call, else from one pass of
+    the missing prefix under a fresh cache_salt. Either way a candidate costs at most one whole pass (the prefix
+    pass computes exactly the tokens the first one skipped), so `estimate_flops` stays an upper bound. A stock
+    worker returns every row and this is the plain whole-pass scoring."""
 
     def __init__(self, pool: WorkerPool, shape: ModelShape, head: PRMHead, tokenizer: Any,
-                 cache: Cache | None = None, cache_ttl_s: float = 86400, max_model_len: int = 2048):
+                 cache: Cache | None = None, cache_ttl_s: float = 86400, max_model_len: int = 2048,
+                 tail_states: int = 4096):
         super().__init__(pool, shape, cache, cache_ttl_s)
         self.head = head
         if not isinstance(tokenizer, PRMTokenizer):
@@ -179,6 +193,7 @@ class PRMClient(CachedStepScorer):
         self.delimiter = tokenizer.delimiter
         self.max_model_len = max_model_len
         self.version = self.head_version = head.version
+        self.states = StateLRU(tail_states)
 
     def layout(self, question: str, steps: Sequence[str]) -> PRMLayout:
         layout = self.tokenizer.layout(question, steps)
@@ -188,13 +203,60 @@ class PRMClient(CachedStepScorer):
             layout = PRMLayout(layout.token_ids[:end], layout.prompt_len, spans)
         return layout
 
-    async def pool_hidden(self, token_lists: list[list[int]]) -> tuple[list[np.ndarray], dict[str, Any]]:
-        """One /pooling call; per input a (tokens x d) float32 array, plus the usage block."""
+    def _rows(self, item: dict[str, Any], ids: Sequence[int]) -> np.ndarray:
+        flat, d = decode_hidden(item), self.shape.d_model
+        if flat.size % d or flat.size // d > len(ids):
+            raise WorkerError(self.pool.name, 502, f"/pooling returned {flat.size} floats for {len(ids)} tokens x {d}")
+        return flat.reshape(-1, d)
+
+    async def pool_rows(self, token_lists: list[list[int]], need_from: Sequence[int],
+                        meter: Meter | None = None) -> tuple[list[tuple[int, np.ndarray]], dict[str, Any]]:
+        """Per input (first, rows): the states of tokens first..end, first <= need_from[i], and the first call's
+        usage. Metered once (both passes) from the response shapes: rows returned = tokens computed."""
         data, usage = await pooling(self.pool, self.model, token_lists, encoding_format="base64")
-        return [decode_hidden(item).reshape(len(ids), -1) for item, ids in zip(data, token_lists)], usage
+        rows = [self._rows(item, ids) for item, ids in zip(data, token_lists)]
+        firsts = [len(ids) - len(r) for ids, r in zip(token_lists, rows)]
+        flops, tokens, cached = self._rows_flops(usage, [len(ids) for ids in token_lists], firsts)
+        borrow_rows(token_lists, firsts, rows, need_from)
+        short = [i for i, f in enumerate(firsts) if f > need_from[i]]
+        try:
+            if short:  # a cached block reached into tokens whose rows no input returned: compute that prefix
+                prefixes = [token_lists[i][:firsts[i]] for i in short]
+                data2, usage2 = await pooling(self.pool, self.model, prefixes, encoding_format="base64",
+                                              cache_salt=secrets.token_urlsafe(24))
+                more = [self._rows(item, ids) for item, ids in zip(data2, prefixes)]
+                f2, t2, c2 = self._rows_flops(usage2, [len(p) for p in prefixes],
+                                              [len(p) - len(r) for p, r in zip(prefixes, more)])
+                flops, tokens, cached = flops + f2, tokens + t2, cached + c2
+                for i, prefix, r in zip(short, prefixes, more):
+                    if len(r) != len(prefix):
+                        raise WorkerError(self.pool.name, 502, "a salted /pooling pass skipped cached tokens")
+                    rows[i], firsts[i] = np.concatenate([r, rows[i]]), 0
+        finally:
+            if meter is not None:
+                meter.add_reward(flops, tokens, cached)
+        return list(zip(firsts, rows)), usage
+
+    def _rows_flops(self, usage: dict[str, Any], lengths: Sequence[int],
+                    firsts: Sequence[int]) -> tuple[float, int, int]:
+        """(FLOPs, tokens, cached tokens) of one call. A token whose row did not come back was not computed; cached
+        tokens in usage (none on vllm 0.32) are shared out by length, and the larger of the two counts per input."""
+        total = sum(lengths)
+        cached_total = int(((usage.get("prompt_tokens_details") or {}).get("cached_tokens")) or 0)
+        flops = 0.0
+        for n, first in zip(lengths, firsts):
+            flops += self.shape.encode_flops(n, max(first, round(cached_total * n / total) if total else 0))
+        return flops, int(usage.get("prompt_tokens") or 0) or total, max(cached_total, sum(firsts))
+
+    async def pool_hidden(self, token_lists: list[list[int]],
+                          meter: Meter | None = None) -> tuple[list[np.ndarray], dict[str, Any]]:
+        """One /pooling call (two if a cached prefix has to be computed); per input all its (tokens x d) float32
+        states, plus the first call's usage."""
+        got, usage = await self.pool_rows(token_lists, [0] * len(token_lists), meter)
+        return [rows for _, rows in got], usage
 
     def estimate_flops(self, question: str, candidates: Sequence[Sequence[str]]) -> float:
-        """Upper bound: every candidate sent, nothing cached."""
+        """Upper bound: every candidate sent, nothing cached (the tail pass plus a prefix pass is one whole pass)."""
         return sum(self.shape.encode_flops(len(self.layout(question, steps).token_ids)) for steps in candidates
                    if steps)
 
@@ -207,18 +269,34 @@ class PRMClient(CachedStepScorer):
         ids = self.question_ids(question)
         if not ids:
             raise ValueError("an empty question has no hidden states")
-        hidden, usage = await self.pool_hidden([ids])
-        if meter is not None:
-            self._meter_lengths(meter, usage, [len(ids)])
+        hidden, _ = await self.pool_hidden([ids], meter)
         return hidden[0]
 
-    async def _score_uncached(self, question: str, candidates: Sequence[Sequence[str]],
-                              meter: Meter | None) -> list[list[float]]:
+    async def _score_uncached(self, question: str, candidates: Sequence[Sequence[str]], meter: Meter | None,
+                              keys: Sequence[Sequence[str]] | None = None) -> list[list[float]]:
         layouts = [self.layout(question, steps) for steps in candidates]
-        hidden, usage = await self.pool_hidden([lay.token_ids for lay in layouts])
-        if meter is not None:
-            self._meter_lengths(meter, usage, [len(lay.token_ids) for lay in layouts])
-        return [[float(x) for x in self.head.score(step_features(h, lay))] for lay, h in zip(layouts, hidden)]
+        out: list[list[float]] = [[] for _ in layouts]
+        plans: dict[int, tuple[int, StepState | None]] = {}
+        for i, lay in enumerate(layouts):
+            n = len(lay.step_spans)
+            k, parent = self.states.deepest(keys[i][:n]) if keys is not None else (0, None)
+            if n == 0:  # no step fits max_model_len: nothing to score (score() gives it the default)
+                continue
+            if k == n and parent is not None:  # every step scored in this process already
+                out[i] = list(parent.scores)
+                continue
+            plans[i] = (k, parent)
+        send = list(plans)
+        if not send:
+            return out
+        got, _ = await self.pool_rows([layouts[i].token_ids for i in send],
+                                      [layouts[i].step_spans[plans[i][0]][0] for i in send], meter)
+        for i, (first, rows) in zip(send, got):
+            out[i], states = tail_scores(self.head, layouts[i], first, rows, *plans[i])
+            if keys is not None:
+                for s, state in states:
+                    self.states.put(keys[i][s], state)
+        return out
 
 
 class MeteredPRM:
