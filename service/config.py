@@ -119,6 +119,8 @@ class RewardPoolSettings(WorkerPoolSettings):
     # Learned head only: the worker reads its prefix cache (service/workers/pooling_server.py) and the gateway scores
     # a new step from its rows plus the parent's running state, so tree-search reward FLOPs grow linearly with depth,
     # not quadratically (README, Prefix reuse in tree search). Off: stock vLLM, every candidate re-encoded whole.
+    # On, the embedded worker runs float32 (dtype "auto"; an explicit bfloat16 turns this off): bf16 rows depend on
+    # the pass's shape, so cached and whole passes would score differently.
     prefix_reads: bool = True
     # Parent states kept in-process for that (one d-float sum per step prefix, ~5 KB at d=576).
     tail_states: int = Field(4096, ge=0)

@@ -184,7 +184,7 @@ class PRMClient(CachedStepScorer):
 
     def __init__(self, pool: WorkerPool, shape: ModelShape, head: PRMHead, tokenizer: Any,
                  cache: Cache | None = None, cache_ttl_s: float = 86400, max_model_len: int = 2048,
-                 tail_states: int = 4096):
+                 tail_states: int = 4096, prefix_reads: bool = True):
         super().__init__(pool, shape, cache, cache_ttl_s)
         self.head = head
         if not isinstance(tokenizer, PRMTokenizer):
@@ -193,7 +193,8 @@ class PRMClient(CachedStepScorer):
         self.delimiter = tokenizer.delimiter
         self.max_model_len = max_model_len
         self.version = self.head_version = head.version
-        self.states = StateLRU(tail_states)
+        # Off (a stock worker): no parent states are kept; rows a worker still skips are recomputed (pool_rows).
+        self.states = StateLRU(tail_states if prefix_reads else 0)
 
     def layout(self, question: str, steps: Sequence[str]) -> PRMLayout:
         layout = self.tokenizer.layout(question, steps)
@@ -225,12 +226,14 @@ class PRMClient(CachedStepScorer):
                 data2, usage2 = await pooling(self.pool, self.model, prefixes, encoding_format="base64",
                                               cache_salt=secrets.token_urlsafe(24))
                 more = [self._rows(item, ids) for item, ids in zip(data2, prefixes)]
-                f2, t2, c2 = self._rows_flops(usage2, [len(p) for p in prefixes],
-                                              [len(p) - len(r) for p, r in zip(prefixes, more)])
+                starts = [len(p) - len(r) for p, r in zip(prefixes, more)]
+                f2, t2, c2 = self._rows_flops(usage2, [len(p) for p in prefixes], starts)
                 flops, tokens, cached = flops + f2, tokens + t2, cached + c2
-                for i, prefix, r in zip(short, prefixes, more):
-                    if len(r) != len(prefix):
-                        raise WorkerError(self.pool.name, 502, "a salted /pooling pass skipped cached tokens")
+                # The prefixes share the fresh salt, so they hit each other's blocks (and only those).
+                borrow_rows(prefixes, starts, more, [0] * len(prefixes))
+                if any(starts):
+                    raise WorkerError(self.pool.name, 502, "a salted /pooling pass skipped tokens no input returned")
+                for i, r in zip(short, more):
                     rows[i], firsts[i] = np.concatenate([r, rows[i]]), 0
         finally:
             if meter is not None:

@@ -68,17 +68,21 @@ def borrow_rows(token_lists: Sequence[Sequence[int]], firsts: list[int], rows: l
                 need_from: Sequence[int]) -> None:
     """Fills rows an input lacks from another input of the same call (in place): a sibling that shares the first
     `firsts[i]` tokens has the same states there (causal model), and if it computed them it returned them. This is
-    the common fallback case: siblings whose new step starts alike share a block that reaches into it."""
-    for i, ids in enumerate(token_lists):
-        if firsts[i] <= need_from[i]:
-            continue
-        prefix = tuple(ids[:firsts[i]])
-        for j, other in enumerate(token_lists):
-            if j != i and firsts[j] <= need_from[i] and len(other) >= firsts[i] and tuple(other[:firsts[i]]) == prefix:
-                lend = rows[j][need_from[i] - firsts[j]:firsts[i] - firsts[j]]
-                rows[i] = np.concatenate([lend, rows[i]])
-                firsts[i] = need_from[i]
-                break
+    the common fallback case: siblings whose new step starts alike share a block that reaches into it. Repeated
+    until nothing changes: a lender may itself have borrowed first (the worker's order need not be the input's)."""
+    progress = True
+    while progress:
+        progress = False
+        for i, ids in enumerate(token_lists):
+            if firsts[i] <= need_from[i]:
+                continue
+            prefix = tuple(ids[:firsts[i]])
+            for j, other in enumerate(token_lists):
+                if j != i and firsts[j] <= need_from[i] and len(other) >= firsts[i] \
+                        and tuple(other[:firsts[i]]) == prefix:
+                    rows[i] = np.concatenate([rows[j][need_from[i] - firsts[j]:firsts[i] - firsts[j]], rows[i]])
+                    firsts[i], progress = need_from[i], True
+                    break
 
 
 def tail_scores(head: PRMHead, layout: PRMLayout, first: int, rows: np.ndarray, k: int,

