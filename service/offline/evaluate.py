@@ -390,7 +390,8 @@ def hidden_inputs(args: argparse.Namespace, problems: Sequence[dict[str, Any]], 
     return {"path": args.difficulty_head, "version": head.version,
             "prediction": {p["id"]: float(head.predict_features(feats[p["id"]].astype(np.float64))[0])
                            for p in problems},
-            "fit_prediction": fit_predictions(head, feats, problems, args.holdout),
+            # Callers outside replay (benchmarks replaying the shipped table) pass no split: the default one.
+            "fit_prediction": fit_predictions(head, feats, problems, getattr(args, "holdout", 0.3)),
             "encode_flops": {p["id"]: shape.encode_flops(len(tok.encode(p["question"].strip(),
                                                                         add_special_tokens=False)))
                              for p in problems}}
