@@ -164,6 +164,11 @@ def table_outcomes(table: PolicyTable, acc: np.ndarray, flops: np.ndarray, confi
     return out_a, out_f
 
 
+def kfold(n: int, k: int, seed: int) -> list[np.ndarray]:
+    """k disjoint folds of range(n), shuffled with `seed`."""
+    return np.array_split(np.random.default_rng(seed).permutation(n), k)
+
+
 STRENGTHS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
 
 
@@ -176,7 +181,7 @@ def cv_prior_strength(acc: np.ndarray, flops: np.ndarray, configs: Sequence[Any]
     and the winner of 100 noisy ~100-problem contests is partly luck; an infinite one gives every bin the pooled
     choice, i.e. the best fixed configuration. Cross-validation says where between the two the evidence stands."""
     P = acc.shape[0]
-    folds = np.array_split(np.random.default_rng(seed).permutation(P), min(k, P)) if P >= 2 else []
+    folds = kfold(P, min(k, P), seed) if P >= 2 else []
     scores: dict[float, float] = {}
     for s in strengths:
         total = 0.0

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..router.hidden_difficulty import POOLINGS, HiddenDifficultyHead, pooled_features
 from .bank import current_models, is_held_out, read_bank
+from .policy import kfold
 from .bench_checks import spearman
 
 RIDGES = (0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
@@ -37,15 +38,11 @@ def labels(problems: Sequence[dict[str, Any]], backend: str = "prm*arith") -> di
     return {"pass_at_1": pass1, "verifier": verifier}
 
 
-def _folds(n: int, k: int, seed: int) -> list[np.ndarray]:
-    return np.array_split(np.random.default_rng(seed).permutation(n), k)
-
-
 def out_of_fold(X: np.ndarray, y: np.ndarray, ridge: float, k: int = 5, seed: int = 0) -> np.ndarray:
     """Each problem's prediction from a head fitted on the other folds: what the head says of a problem it never
     saw, which is what it does in serving."""
     pred = np.zeros(len(y))
-    for fold in _folds(len(y), k, seed):
+    for fold in kfold(len(y), k, seed):
         train = np.setdiff1d(np.arange(len(y)), fold)
         pred[fold] = HiddenDifficultyHead.fit(X[train], y[train], ridge).predict_features(X[fold])
     return pred

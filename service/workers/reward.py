@@ -164,16 +164,21 @@ class CachedStepScorer:
         return [[struct.unpack("<f", struct.pack("<f", x))[0] for x in r] for r in results]  # type: ignore[union-attr]
 
     def _meter_lengths(self, meter: Meter, usage: dict[str, Any], lengths: Sequence[int]) -> float:
+        """Meters one call whose every input came back whole."""
+        flops, tokens, cached = self._rows_flops(usage, lengths, [0] * len(lengths))
+        meter.add_reward(flops, tokens, cached)
+        return flops
+
+    def _rows_flops(self, usage: dict[str, Any], lengths: Sequence[int],
+                    firsts: Sequence[int]) -> tuple[float, int, int]:
+        """(FLOPs, tokens, cached tokens) of one call. A token whose row did not come back was not computed; cached
+        tokens in usage (none on vllm 0.32) are shared out by length, and the larger of the two counts per input."""
         total = sum(lengths)
-        prompt = int(usage.get("prompt_tokens") or 0) or total
         cached_total = int(((usage.get("prompt_tokens_details") or {}).get("cached_tokens")) or 0)
         flops = 0.0
-        for n in lengths:
-            # Cached tokens are reported for the whole batch; share them out in proportion to length.
-            cached = round(cached_total * n / total) if total else 0
-            flops += self.shape.encode_flops(n, cached)
-        meter.add_reward(flops, prompt, cached_total)
-        return flops
+        for n, first in zip(lengths, firsts):
+            flops += self.shape.encode_flops(n, max(first, round(cached_total * n / total) if total else 0))
+        return flops, int(usage.get("prompt_tokens") or 0) or total, max(cached_total, sum(firsts))
 
 
 class PRMClient(CachedStepScorer):
@@ -243,17 +248,6 @@ class PRMClient(CachedStepScorer):
             if meter is not None:
                 meter.add_reward(flops, tokens, cached)
         return list(zip(firsts, rows)), usage
-
-    def _rows_flops(self, usage: dict[str, Any], lengths: Sequence[int],
-                    firsts: Sequence[int]) -> tuple[float, int, int]:
-        """(FLOPs, tokens, cached tokens) of one call. A token whose row did not come back was not computed; cached
-        tokens in usage (none on vllm 0.32) are shared out by length, and the larger of the two counts per input."""
-        total = sum(lengths)
-        cached_total = int(((usage.get("prompt_tokens_details") or {}).get("cached_tokens")) or 0)
-        flops = 0.0
-        for n, first in zip(lengths, firsts):
-            flops += self.shape.encode_flops(n, max(first, round(cached_total * n / total) if total else 0))
-        return flops, int(usage.get("prompt_tokens") or 0) or total, max(cached_total, sum(firsts))
 
     async def pool_hidden(self, token_lists: list[list[int]],
                           meter: Meter | None = None) -> tuple[list[np.ndarray], dict[str, Any]]:
