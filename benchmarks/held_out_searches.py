@@ -69,7 +69,8 @@ async def run_problem(gw: Any, row: dict[str, Any], done: dict, out: Any) -> Non
 def replayed(problems: list[dict[str, Any]], table_path: str, head_path: str, bank_path: str) -> dict[str, Any]:
     """Best-of-N weighted and the shipped `auto` on exactly these problems, from the bank (128 orderings), with
     percentile bootstrap 95% intervals over the problems."""
-    from service.offline.evaluate import BUDGETS_GEN, RULES, hidden_auto_outcomes, hidden_inputs
+    from service.offline.auto_replay import hidden_auto_outcomes
+    from service.offline.evaluate import BUDGETS_GEN, RULES, hidden_inputs
     from service.offline.fit import budget_flops
     from service.offline.replay import (NS, BonConfig, all_configs, bank_arrays, bootstrap_weights,
                                         replay_orderings, with_intervals)

@@ -6,8 +6,11 @@ the probe; their mean verifier score (last step) gives the bin; the table is loo
 best-of-N then reuses the probe samples (N' = max(N, k): what BestOfN with prior samples does), so its FLOPs are
 those of N' samples plus the probe's verifier calls. With early stopping the rule runs over the same ordering from
 its first sample, probe samples included (served: they are BestOfN's prior samples); one difference: when it fires
-inside the probe, serving votes over all k probe samples (already paid for), the replay over the prefix. When the probe does not fit, the prompt estimator (no FLOPs) gives the
-bin and the whole budget is looked up. The only thing not replayed is vLLM's own cost variance.
+inside the probe, serving votes over all k probe samples (already paid for), the replay over the prefix. When the
+probe does not fit, the prompt estimator (no FLOPs) gives the bin and the whole budget is looked up.
+
+`hidden_auto_outcomes` replays the zero-decode head instead of the probe. Both hold every request to its budget
+(policy.served_config: N shrinks to what the budget pays, with the sample's realized FLOPs), as serving does.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .policy import bins_of
+from .policy import bins_of, config_index, served_config
 from .replay import BankArrays, params_signature
 
 
@@ -30,8 +33,7 @@ def auto_outcomes(table: Any, bank: BankArrays, configs: Sequence[Any], ok: np.n
     rows = list(range(bank.correct.shape[0])) if rows is None else list(rows)
     k = int(table.probe.get("k", 4))
     backend = table.reward_backend
-    index = {params_signature(c.params): j for j, c in enumerate(configs)
-             if c.selection == "majority" or c.backend == backend}
+    index = config_index(configs, backend)
     max_n = max(c.n for c in configs)
     first_k = order[rows][..., :k]                                              # [p, R, k]
     take = lambda a: np.take_along_axis(a[rows][:, None, :].repeat(order.shape[1], 1), first_k, 2)  # noqa: E731
@@ -55,10 +57,40 @@ def auto_outcomes(table: Any, bank: BankArrays, configs: Sequence[Any], ok: np.n
                     ch = table.lookup(prompt_bins[pi], g)
                     n = int(ch.params["n"])
                 sel = ch.params.get("selection", "weighted")
-                kk = index[params_signature(dict(ch.params, n=n))]
-                acc[pi, o] = ok[rows[pi], o, kk]
                 # A majority vote scores nothing itself, but the probe's samples were scored to estimate the bin.
                 extra = probe_reward[pi, o] if probe[pi, o] and sel == "majority" else 0.0
+                # The probe's samples are drawn: N shrinks to what the budget pays, never below them.
+                kk = served_config(dict(ch.params, n=n), index, cost[rows[pi], o], g - extra,
+                                   floor=k if probe[pi, o] else 1)
+                if kk is None:  # not even one sample fits: no answer, nothing spent
+                    continue
+                acc[pi, o] = ok[rows[pi], o, kk]
                 fl[pi, o] = cost[rows[pi], o, kk] + extra
         out_a[:, j], out_f[:, j], used[:, j] = acc.mean(1), fl.mean(1), probe.mean(1)
     return out_a, out_f, used
+
+
+def hidden_auto_outcomes(table: Any, acc: np.ndarray, flops: np.ndarray, configs: Sequence[Any], stat: np.ndarray,
+                         encode: np.ndarray, budgets: Sequence[float], questions: Sequence[str]
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """Per problem and budget, what run_auto does with estimator "hidden" (the same routing rule, table.choose): the
+    head's prefill is paid when one answer still fits after it (the head's bin), else the prompt estimator's bin
+    (no FLOPs); the table's entry for the whole budget (its levels include the head's mean prefill), run in what
+    the prefill left."""
+    from ..router.difficulty import prompt_bin
+    from ..router.table import choose
+
+    index = config_index(configs, table.reward_backend)
+    one = index[params_signature({"n": 1, "selection": "majority"})]
+    bins = bins_of(stat, table.cuts)
+    out_a, out_f = np.zeros((acc.shape[0], len(budgets))), np.zeros((acc.shape[0], len(budgets)))
+    for i in range(acc.shape[0]):
+        for j, g in enumerate(budgets):
+            paid = encode[i] + flops[i, one] <= g
+            no_head_bin = prompt_bin(table, questions[i]) if not paid and table.prompt_model else None
+            _, _, ch = choose(table, g, None, no_head_bin, int(bins[i]) if paid else None)  # the request's budget
+            spent = encode[i] if paid else 0.0
+            k = served_config(ch.params, index, flops[i], g - spent)
+            out_a[i, j] = acc[i, k] if k is not None else 0.0
+            out_f[i, j] = (flops[i, k] if k is not None else 0.0) + spent
+    return out_a, out_f

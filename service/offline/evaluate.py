@@ -6,7 +6,9 @@
    verifier score of the bank's samples; its cost is not counted, as in Snell et al.), each 2-fold cross-validated
    inside its bins, with its efficiency ratio over best-of-N weighted and predicted / oracle.
 3. The evidence table (offline.policy.evidence_table), fitted on the problems outside the stable held-out split
-   (bank.is_held_out, a hash of the id) and evaluated on the held-out ones, written in the router's table format.
+   (bank.is_held_out, a hash of the id) and evaluated on the held-out ones, written in the router's table format;
+   its prior by cross-validation (offline.policy.cv_prior). Every request it routes, and the best fixed
+   configuration it is compared with, is held to its budget (offline.policy.served_config).
    With a zero-decode difficulty head (`--difficulty-head`, from `ttc-gateway train-difficulty`), the table's bins
    are the head's predictions and the served `auto` is replayed with the head's one prefill paid, beside the probe.
 4. Early stopping rules: samples saved and accuracy lost against the full best-of-16 on the same orderings.
@@ -23,8 +25,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from .bank import BACKENDS, StaleBank, current_models, is_held_out, read_bank
-from .policy import compute_optimal_cv, cv_prior_strength, evidence_table, quantile_bins, table_outcomes
-from .auto_replay import auto_outcomes
+from .policy import compute_optimal_cv, cv_prior, evidence_table, quantile_bins, table_outcomes
+from .auto_replay import auto_outcomes, hidden_auto_outcomes
 from .replay import (NS, BonConfig, all_configs, bank_arrays, bootstrap_weights, params_signature,
                      ratio_with_interval, replay_orderings, with_intervals)
 from .stopping import StoppingRule, replay_stopping
@@ -119,14 +121,14 @@ def evaluate(header: dict[str, Any], problems: Sequence[dict[str, Any]], backend
     if hidden is not None:  # the head's prefill is paid on top of the configuration: part of every budget level
         gen_table = dict(gen, estimation=report["hidden_estimator"]["mean_encode_flops"])
         budgets_table = [budget_flops(g, gen_table) for g in BUDGETS_GEN]
-    strength_cv = None
-    if prior_strength is None:  # chosen by 5-fold cross-validation on the fitted problems only
-        prior_strength, strength_cv = cv_prior_strength(
+    prior_cv, prior = None, "scaled"
+    if prior_strength is None:  # kind and strength chosen by 5-fold cross-validation on the fitted problems only
+        prior, prior_strength, prior_cv = cv_prior(
             acc[fit][:, mine], fl[fit][:, mine], cfgs, stat_fit, bank.correct[fit].any(1), BUDGETS_GEN, gen_table,
             backend, budgets_table, seed=seed, min_gain=min_gain)
     table = evidence_table(acc[fit][:, mine], fl[fit][:, mine], cfgs, stat_fit, bank.correct[fit].any(1),
                            BUDGETS_GEN, gen_table, backend, prior_strength, min_gain,
-                           questions=[bank.questions[i] for i in fit] if all(bank.questions) else None)
+                           questions=[bank.questions[i] for i in fit] if all(bank.questions) else None, prior=prior)
     if hidden is not None:
         table.estimator = "hidden"
         table.hidden_head = {"path": Path(str(hidden["path"])).name, "version": hidden["version"]}
@@ -134,10 +136,11 @@ def evaluate(header: dict[str, Any], problems: Sequence[dict[str, Any]], backend
     table.calibration.update({"problem_ids": [bank.ids[i] for i in fit], "held_out_ids": [bank.ids[i] for i in ho],
                               "source": "sample bank replay", "bank_created": header.get("created"),
                               "datasets": header.get("datasets")})
-    if strength_cv is not None:
-        table.calibration["prior_strength_cv"] = {f"{k:g}": round(v, 5) for k, v in strength_cv.items()}
-    report["table"] = {"fitted_on": len(fit), "held_out": len(ho), "cuts": table.cuts,
-                       "prior_strength": prior_strength, "prior_strength_cv": table.calibration.get("prior_strength_cv"),
+    if prior_cv is not None:
+        table.calibration["prior_cv"] = {k: {m: round(x, 6) if isinstance(x, float) else x for m, x in v.items()}
+                                         for k, v in prior_cv.items()}
+    report["table"] = {"fitted_on": len(fit), "held_out": len(ho), "cuts": table.cuts, "prior": prior,
+                       "prior_strength": prior_strength, "prior_cv": table.calibration.get("prior_cv"),
                        "entries": [{k: e[k] for k in ("bin", "budget_generations", "params", "expected_accuracy",
                                                       "n_problems", "hopeless")} for e in table.entries]}
     if n_ho:
@@ -160,7 +163,7 @@ def evaluate(header: dict[str, Any], problems: Sequence[dict[str, Any]], backend
         report["table"]["held_out_auto_probe_share"] = probe_share.mean(0).round(3).tolist()
         report["table"]["estimator"] = table.estimator
         report["table"]["auto_minus_best_fixed"] = minus_best_fixed(
-            acc[fit][:, mine], fl[fit][:, mine], acc[ho][:, mine], aa, cfgs, budgets_table, w_ho)
+            acc[fit][:, mine], fl[fit][:, mine], acc[ho][:, mine], fl[ho][:, mine], aa, cfgs, budgets_table, w_ho)
         report["table"]["held_out_by_source"] = by_source(
             [bank.sources[i] for i in ho], acc[ho][:, base_k[-1]], aa[:, -1])
         report["table"]["held_out_auto_ratio"] = _ratio(ratio_with_interval(acc[ho][:, base_k], fl[ho][:, base_k],
@@ -182,12 +185,17 @@ def evaluate(header: dict[str, Any], problems: Sequence[dict[str, Any]], backend
     return report, table
 
 
-def minus_best_fixed(acc_fit: np.ndarray, fl_fit: np.ndarray, acc_ho: np.ndarray, auto_acc: np.ndarray,
-                     configs: Sequence[Any], budgets: Sequence[float], w_ho: np.ndarray) -> list[dict[str, Any]]:
+def minus_best_fixed(acc_fit: np.ndarray, fl_fit: np.ndarray, acc_ho: np.ndarray, fl_ho: np.ndarray,
+                     auto_acc: np.ndarray, configs: Sequence[Any], budgets: Sequence[float], w_ho: np.ndarray
+                     ) -> list[dict[str, Any]]:
     """Per budget: `auto` minus the best fixed configuration, on the held-out problems with a bootstrap interval.
     "Best fixed" is chosen where the table was fitted (highest accuracy among configs whose mean FLOPs fit the
-    budget), so neither side is chosen on the problems it is scored on."""
+    budget), so neither side is chosen on the problems it is scored on; like `auto`, it runs held to each request's
+    budget (served_config). fl_ho: the held-out problems' FLOPs per config."""
+    from .policy import served_config
+
     mean_acc, mean_fl = acc_fit.mean(0), fl_fit.mean(0)
+    index = {params_signature(c.params): k for k, c in enumerate(configs)}
     out = []
     for j, g in enumerate(budgets):
         feasible = np.flatnonzero(mean_fl <= g)
@@ -195,7 +203,9 @@ def minus_best_fixed(acc_fit: np.ndarray, fl_fit: np.ndarray, acc_ho: np.ndarray
             out.append({"budget_flops": g, "fixed": None})
             continue
         k = int(feasible[np.argmax(mean_acc[feasible])])
-        d = with_intervals((auto_acc[:, j] - acc_ho[:, k])[:, None], w_ho)
+        served = [served_config(configs[k].params, index, fl_ho[i], g) for i in range(len(acc_ho))]
+        fixed = np.array([acc_ho[i, kk] if kk is not None else 0.0 for i, kk in enumerate(served)])
+        d = with_intervals((auto_acc[:, j] - fixed)[:, None], w_ho)
         out.append({"budget_flops": g, "fixed": configs[k].key,
                     "difference": _ci(d["mean"][0], d["lo"][0], d["hi"][0])})
     return out
@@ -209,30 +219,6 @@ def by_source(sources: Sequence[str], base: np.ndarray, auto_acc: np.ndarray) ->
         out[src] = {"problems": int(rows.sum()), "best_of_n_weighted": _fmt(base[rows].mean(), 4),
                     "auto": _fmt(auto_acc[rows].mean(), 4)}
     return out
-
-
-def hidden_auto_outcomes(table: Any, acc: np.ndarray, flops: np.ndarray, configs: Sequence[Any], stat: np.ndarray,
-                         encode: np.ndarray, budgets: Sequence[float], questions: Sequence[str]
-                         ) -> tuple[np.ndarray, np.ndarray]:
-    """Per problem and budget, what run_auto does with estimator "hidden" (the same routing rule, table.choose): when
-    the prefill fits, the head's bin, else the prompt estimator's bin (no FLOPs); the table's entry for the whole
-    budget (its levels include the head's mean prefill)."""
-    from ..router.difficulty import prompt_bin
-    from ..router.table import choose
-    from .policy import bins_of
-    from .replay import params_signature
-
-    index = {params_signature(c.params): k for k, c in enumerate(configs)}
-    bins = bins_of(stat, table.cuts)
-    out_a, out_f = np.zeros((acc.shape[0], len(budgets))), np.zeros((acc.shape[0], len(budgets)))
-    for i in range(acc.shape[0]):
-        for j, g in enumerate(budgets):
-            paid = encode[i] <= g
-            no_head_bin = prompt_bin(table, questions[i]) if not paid and table.prompt_model else None
-            _, _, ch = choose(table, g, None, no_head_bin, int(bins[i]) if paid else None)  # the request's budget
-            k = index[params_signature(ch.params)]
-            out_a[i, j], out_f[i, j] = acc[i, k], flops[i, k] + (encode[i] if paid else 0.0)
-    return out_a, out_f
 
 
 def markdown(rep: dict[str, Any]) -> str:
@@ -269,10 +255,15 @@ def markdown(rep: dict[str, Any]) -> str:
         lines.append(f"| {name} | " + " | ".join(f"{pct(p['accuracy'])} ({fl(p['flops'])})" for p in pol["curve"])
                      + f" | {ratio} (not reached in {100 * r['not_reached_share']:.0f}% of resamples) |")
     if rep["table"].get("prior_strength") is not None:
-        cv = rep["table"].get("prior_strength_cv")
-        lines += ["", f"Evidence table fitted on {rep['table']['fitted_on']} problems, prior strength "
-                      f"{rep['table']['prior_strength']:g}" + (" (5-fold CV on them, mean accuracy over budgets: "
-                      + ", ".join(f"{k}: {100 * v:.2f}%" for k, v in cv.items()) + ")" if cv else "") + "."]
+        cv = rep["table"].get("prior_cv")
+        gen = rep["generation_flops"]["per_generation"]
+        lines += ["", f"Evidence table fitted on {rep['table']['fitted_on']} problems, prior "
+                      f"{rep['table'].get('prior', 'level')} of strength {rep['table']['prior_strength']:g}"
+                      + (" (5-fold CV on them: the cheapest of those within one standard error of the best; "
+                         "mean accuracy over budgets at mean generations spent: "
+                         + "; ".join(f"{k}: {100 * v['accuracy']:.2f}% at {v['flops'] / gen:.2f}"
+                                     + ("" if v["within_one_se"] else " (worse)") for k, v in cv.items())
+                         + ")" if cv else "") + "."]
     diffs = rep["table"].get("auto_minus_best_fixed")
     if diffs:
         cell = lambda d: ("-" if not d.get("fixed") else  # noqa: E731
@@ -307,7 +298,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--holdout", type=float, default=0.3, help="share of problems held out of the table fit")
     p.add_argument("--prior-strength", type=float, default=None,
-                   help="Beta prior strength (pseudo-problems); default: chosen by 5-fold CV on the fitted problems")
+                   help="Beta prior strength (pseudo-problems), with the scaled prior; default: kind and strength "
+                        "chosen by 5-fold CV on the fitted problems")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--allow-stale", action="store_true", help="accept a bank from another model or PRM head")
     p.add_argument("--stopping", action="store_true",
@@ -381,11 +373,11 @@ def hidden_inputs(args: argparse.Namespace, problems: Sequence[dict[str, Any]], 
                           reward_model(settings))
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    feats = load_features(Path(args.features or f"{args.bank}.hidden-{shape.n_layer}l.npz"))
+    feats = load_features(Path(args.features or f"{args.bank}.hidden-{shape.n_layer}l.npz"), head.poolings)
     missing = [p["id"] for p in problems if p["id"] not in feats]
     if missing:
-        raise SystemExit(f"{len(missing)} bank problems have no cached hidden states (e.g. {missing[0]}): run "
-                         f"`ttc-gateway train-difficulty --bank {args.bank} ...` first")
+        raise SystemExit(f"{len(missing)} bank problems have no cached {'+'.join(head.poolings)} hidden states "
+                         f"(e.g. {missing[0]}): run `ttc-gateway train-difficulty --bank {args.bank} ...` first")
     tok = PRMTokenizer.from_model_dir(reward_model(settings)).tokenizer
     return {"path": args.difficulty_head, "version": head.version,
             "prediction": {p["id"]: float(head.predict_features(feats[p["id"]].astype(np.float64))[0])

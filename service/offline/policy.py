@@ -7,8 +7,9 @@ Inputs are replay's per-problem matrices: acc [P, K] (expected accuracy of confi
   2-fold cross-validation inside the bin. Returns per-problem outcomes (each problem scored with the config chosen on
   the other half of its bin), so the policy's accuracy and FLOPs get bootstrap intervals like any config.
 - `evidence_table`: the table that decides on evidence. Per (bin, budget), configs are ranked by the posterior-mean
-  accuracy under a Beta prior centred on the config's pooled accuracy over all problems (strength `prior_strength`
-  pseudo-problems), so a 0-of-9 tie inside a bin is settled by the pooled curve, not by noise. A bin where no problem
+  accuracy under a Beta prior centred on the config's pooled accuracy over all problems ("level"), or on the pooled
+  curve moved to the bin's own level ("scaled"), of strength `prior_strength` pseudo-problems, so a 0-of-9 tie inside
+  a bin is settled by the pooled curve, not by noise. `cv_prior` chooses the kind and the strength. A bin where no problem
   has a single correct sample in the whole bank is hopeless: it gets N = 1 ("spend nothing more"). A larger config
   must beat the cheapest one by `min_gain` of posterior mean to be worth its FLOPs. Monotone in budget: a budget's
   choice is never worse (in posterior mean) than the smaller budget's.
@@ -71,6 +72,21 @@ def posterior_mean(successes: np.ndarray, n: int, prior_mean: np.ndarray, streng
     return (successes + strength * prior_mean) / (n + strength)
 
 
+PRIORS = ("level", "scaled")
+
+
+def bin_prior(pooled: np.ndarray, acc_bin: np.ndarray, prior: str) -> np.ndarray:
+    """The Beta prior's centre per config in one bin. "level": the pooled accuracy itself. "scaled": the pooled curve
+    moved to the bin's own level (multiplied by the bin's mean accuracy over all configs / the pooled mean), so the
+    prior says how accuracy grows with N without also saying how hard the bin is."""
+    if prior == "level":
+        return pooled
+    if prior != "scaled":
+        raise ValueError(f"prior must be one of {PRIORS}")
+    scale = float(acc_bin.mean()) / max(float(pooled.mean()), 1e-12)
+    return np.clip(pooled * scale, 0.0, 1.0)
+
+
 def choose_with_shrinkage(acc_bin: np.ndarray, cost_bin: np.ndarray, pooled: np.ndarray, budgets: Sequence[float],
                           strength: float, hopeless: bool, cheapest: int, min_gain: float = 0.005
                           ) -> list[tuple[int, float]]:
@@ -98,7 +114,7 @@ def choose_with_shrinkage(acc_bin: np.ndarray, cost_bin: np.ndarray, pooled: np.
 def evidence_table(acc: np.ndarray, flops: np.ndarray, configs: Sequence[Any], stat: np.ndarray,
                    any_correct: np.ndarray, budgets_gen: Sequence[int], gen: dict[str, float], reward_backend: str,
                    prior_strength: float = 4.0, min_gain: float = 0.005, cuts: Sequence[float] | None = None,
-                   questions: Sequence[str] | None = None) -> PolicyTable:
+                   questions: Sequence[str] | None = None, prior: str = "level") -> PolicyTable:
     """A PolicyTable (the router's format) chosen by posterior-mean accuracy per (bin, budget).
 
     stat: the difficulty statistic the router will see at serving time (the probe's mean verifier score, estimated
@@ -123,7 +139,8 @@ def evidence_table(acc: np.ndarray, flops: np.ndarray, configs: Sequence[Any], s
             continue
         cost = flops[members].mean(0)
         hopeless = not bool(any_correct[members].any())
-        picks = choose_with_shrinkage(acc[members], cost, pooled, [budget_flops(g, gen) for g in budgets_gen],
+        picks = choose_with_shrinkage(acc[members], cost, bin_prior(pooled, acc[members], prior),
+                                      [budget_flops(g, gen) for g in budgets_gen],
                                       prior_strength, hopeless, cheapest, min_gain)
         for g, (k, post) in zip(budgets_gen, picks):
             c = configs[k]
@@ -139,28 +156,57 @@ def evidence_table(acc: np.ndarray, flops: np.ndarray, configs: Sequence[Any], s
             table.entries += [{**e, "bin": b, "filled_from_bin": src, "n_problems": 0}
                               for e in table.entries if e["bin"] == src]
     table.entries.sort(key=lambda e: (e["bin"], e["budget_flops"]))
-    table.calibration = {"chooser": "posterior mean, Beta prior centred on the pooled accuracy of each config",
-                         "prior_strength": prior_strength, "min_gain": min_gain, "problems": int(acc.shape[0])}
+    centre = "the pooled accuracy" if prior == "level" else "the pooled accuracy scaled to the bin's level"
+    table.calibration = {"chooser": f"posterior mean, Beta prior centred on {centre} of each config",
+                         "prior": prior, "prior_strength": prior_strength, "min_gain": min_gain, "problems": int(acc.shape[0])}
     return table
+
+
+def config_index(configs: Sequence[Any], backend: str) -> dict[tuple, int]:
+    """params_signature -> position in `configs`, for the configs a table of `backend` can name."""
+    from .replay import params_signature
+
+    return {params_signature(c.params): k for k, c in enumerate(configs)
+            if getattr(c, "backend", backend) == backend or c.selection == "majority"}
+
+
+def served_config(params: dict[str, Any], index: dict[tuple, int], flops: np.ndarray, budget: float,
+                  floor: int = 1) -> int | None:
+    """The config serving runs for table `params` under one request's budget: best-of-N shrinks to the samples the
+    budget pays (here N is halved, not below `floor`, until the config's FLOPs on this problem fit; a stopping rule
+    the grid lacks at that N is dropped), and nothing runs when not even that fits. `flops`: per config, this
+    problem's realized FLOPs. Serving reserves the worst case before it samples and tops up after, so it draws
+    somewhat less than this (benchmarks/served_auto.py measures by how much); the replay never spends over a budget."""
+    from .replay import params_signature
+
+    n = int(params["n"])
+    while True:
+        k = index.get(params_signature(dict(params, n=n)))
+        if k is None:
+            k = index[params_signature({"n": n, **{x: v for x, v in params.items() if x in ("selection",
+                                                                                          "aggregation")}})]
+        if flops[k] <= budget * 1.0001:
+            return k
+        if n <= floor:
+            return None
+        n = max(n // 2, floor)
 
 
 def table_outcomes(table: PolicyTable, acc: np.ndarray, flops: np.ndarray, configs: Sequence[Any],
                    stat: np.ndarray, budgets: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     """Per-problem accuracy and FLOPs [P, B] of routing with `table` (bins from `stat`, known without cost: the
-    probe's cost is not added, so this is an upper bound of the served `auto` with this table)."""
-    from .replay import params_signature
-
-    index = {params_signature(c.params): k
-             for k, c in enumerate(configs) if getattr(c, "backend", table.reward_backend) == table.reward_backend
-             or c.selection == "majority"}
+    probe's cost is not added, so this is an upper bound of the served `auto` with this table); each request is
+    held to its budget (served_config)."""
+    index = config_index(configs, table.reward_backend)
     bins = bins_of(stat, table.cuts)
     out_a, out_f = np.zeros((acc.shape[0], len(budgets))), np.zeros((acc.shape[0], len(budgets)))
     for i, b in enumerate(bins):
         for j, g in enumerate(budgets):
             ch = table.lookup(int(b), g)
             assert ch is not None
-            k = index[params_signature(ch.params)]
-            out_a[i, j], out_f[i, j] = acc[i, k], flops[i, k]
+            k = served_config(ch.params, index, flops[i], g)
+            if k is not None:
+                out_a[i, j], out_f[i, j] = acc[i, k], flops[i, k]
     return out_a, out_f
 
 
@@ -172,24 +218,40 @@ def kfold(n: int, k: int, seed: int) -> list[np.ndarray]:
 STRENGTHS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
 
 
-def cv_prior_strength(acc: np.ndarray, flops: np.ndarray, configs: Sequence[Any], stat: np.ndarray,
-                      any_correct: np.ndarray, budgets_gen: Sequence[int], gen: dict[str, float],
-                      reward_backend: str, budgets: Sequence[float], strengths: Sequence[float] = STRENGTHS,
-                      k: int = 5, seed: int = 0, min_gain: float = 0.005) -> tuple[float, dict[float, float]]:
-    """The prior strength whose table scores best on folds it was not fitted on (mean accuracy over problems and
-    budgets; ties to the stronger prior). A weak prior lets each bin pick its own winner among ~100 configurations,
-    and the winner of 100 noisy ~100-problem contests is partly luck; an infinite one gives every bin the pooled
-    choice, i.e. the best fixed configuration. Cross-validation says where between the two the evidence stands."""
+def cv_prior(acc: np.ndarray, flops: np.ndarray, configs: Sequence[Any], stat: np.ndarray, any_correct: np.ndarray,
+             budgets_gen: Sequence[int], gen: dict[str, float], reward_backend: str, budgets: Sequence[float],
+             strengths: Sequence[float] = STRENGTHS, priors: Sequence[str] = PRIORS, k: int = 5, seed: int = 0,
+             min_gain: float = 0.005) -> tuple[str, float, dict[str, dict[str, Any]]]:
+    """The prior (kind, strength) for the table, by k-fold cross-validation on the fitted problems only.
+
+    A weak prior lets each bin pick its own winner among ~100 configurations, and the winner of 100 noisy
+    ~100-problem contests is partly luck; an infinite one gives every bin the pooled choice, i.e. the best fixed
+    configuration. Each candidate's table is scored on the folds it was not fitted on (mean accuracy over problems
+    and budgets). Candidates whose accuracy is within one standard error of the best (paired over problems) are
+    tied, and the usual one-standard-error rule takes the most regularised of them: the strongest prior. Between
+    the kinds at that strength, the one whose table spends least wins. So accuracy is never traded beyond noise for
+    FLOPs, but where CV cannot tell the candidates apart (on the 1300-problem bank they span 0.04 points) the
+    budget is not spent for nothing."""
     P = acc.shape[0]
     folds = kfold(P, min(k, P), seed) if P >= 2 else []
-    scores: dict[float, float] = {}
-    for s in strengths:
-        total = 0.0
-        for test in folds:
-            train = np.setdiff1d(np.arange(P), test)
-            table = evidence_table(acc[train], flops[train], configs, stat[train], any_correct[train], budgets_gen,
-                                   gen, reward_backend, s, min_gain)
-            total += table_outcomes(table, acc[test], flops[test], configs, stat[test], budgets)[0].sum()
-        scores[float(s)] = total / max(1, P * len(budgets))
-    best = max(scores, key=lambda s: (round(scores[s], 9), s))
-    return best, scores
+    out: dict[tuple[str, float], tuple[np.ndarray, np.ndarray]] = {}
+    for prior in priors:
+        for s in strengths:
+            oa, of = np.zeros((P, len(budgets))), np.zeros((P, len(budgets)))
+            for test in folds:
+                train = np.setdiff1d(np.arange(P), test)
+                table = evidence_table(acc[train], flops[train], configs, stat[train], any_correct[train],
+                                       budgets_gen, gen, reward_backend, s, min_gain, prior=prior)
+                oa[test], of[test] = table_outcomes(table, acc[test], flops[test], configs, stat[test], budgets)
+            out[(prior, float(s))] = (oa.mean(1), of.mean(1))
+    best = max(out, key=lambda c: (round(float(out[c][0].mean()), 9), c[1]))
+    scores: dict[str, dict[str, Any]] = {}
+    for c, (a, f) in out.items():
+        d = a - out[best][0]
+        se = float(d.std(ddof=1) / np.sqrt(P)) if P > 1 else 0.0
+        scores[f"{c[0]} {c[1]:g}"] = {"accuracy": float(a.mean()), "flops": float(f.mean()),
+                                      "within_one_se": bool(d.mean() >= -se - 1e-12)}
+    tied = [c for c in out if scores[f"{c[0]} {c[1]:g}"]["within_one_se"]]
+    strongest = max(c[1] for c in tied)
+    prior, strength = min((c for c in tied if c[1] == strongest), key=lambda c: (float(out[c][1].mean()), c[0]))
+    return prior, strength, scores

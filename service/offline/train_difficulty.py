@@ -2,9 +2,9 @@
 
 Per bank problem, one /pooling call on the reward worker returns the last-layer hidden states of the bare question
 (`PRMClient.encode_question`, exactly what `auto` calls when serving); they are cached next to the bank, so a rerun
-only encodes new problems. Labels come from the bank: pass@1 (share of the 32 samples that are correct) and the mean
-last-step verifier score of the samples (smoother; it is the statistic the probe estimates). Problems are split by a
-hash of their id (bank.is_held_out): the head is fitted on the rest only, its ridge strength and label chosen by
+only encodes new problems. Labels come from the bank: pass@1 (share of the 32 samples that are correct), its
+empirical logit, and the mean last-step verifier score of the samples (the statistic the probe estimates). Problems
+are split by a hash of their id (bank.is_held_out): the head is fitted on the rest only, its ridge strength and label chosen by
 5-fold cross-validation there (Spearman against pass@1), and it is reported on the held-out problems against
 pass@1 and, for graded arithmetic, against the generator's level, next to the prompt-statistics ridge estimator on
 the same split. The cost is the encode FLOPs of the question over one generation's FLOPs.
@@ -26,16 +26,22 @@ from .bank import current_models, is_held_out, read_bank
 from .policy import kfold
 from .bench_checks import spearman
 
-RIDGES = (0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
-LABELS = ("verifier", "pass_at_1")
+RIDGES = (0.1, 1.0, 10.0, 100.0, 1e3, 3e3, 1e4, 1e5)
+LABELS = ("verifier", "pass_at_1", "logit_pass_at_1")
+# Half a pseudo-count on each side keeps the empirical logit finite for 0 of 32 and 32 of 32.
+LOGIT_PSEUDO = 0.5
 
 
 def labels(problems: Sequence[dict[str, Any]], backend: str = "prm*arith") -> dict[str, np.ndarray]:
     from .bank import step_scores
 
-    pass1 = np.array([np.mean([bool(s["correct"]) for s in p["samples"]]) for p in problems])
+    correct = np.array([sum(bool(s["correct"]) for s in p["samples"]) for p in problems], dtype=np.float64)
+    n = np.array([len(p["samples"]) for p in problems], dtype=np.float64)
     verifier = np.array([np.mean([(step_scores(s, backend) or [0.0])[-1] for s in p["samples"]]) for p in problems])
-    return {"pass_at_1": pass1, "verifier": verifier}
+    # Most problems sit near pass@1 = 0, where a few easy ones dominate a squared loss on the raw share; the
+    # empirical logit spreads the hard end out, which is where the table's bins must separate problems.
+    logit = np.log((correct + LOGIT_PSEUDO) / (n - correct + LOGIT_PSEUDO))
+    return {"pass_at_1": correct / np.maximum(n, 1), "verifier": verifier, "logit_pass_at_1": logit}
 
 
 def out_of_fold(X: np.ndarray, y: np.ndarray, ridge: float, k: int = 5, seed: int = 0) -> np.ndarray:
@@ -75,6 +81,17 @@ def level_spearman(pred: np.ndarray, problems: Sequence[dict[str, Any]]) -> dict
     return {"problems": len(rows), "spearman_with_minus_level": None if s is None else round(s, 4)}
 
 
+def spearman_interval(pred: np.ndarray, truth: np.ndarray, resamples: int = 1000, seed: int = 0
+                      ) -> list[float] | None:
+    """Percentile bootstrap 95% interval over problems."""
+    if len(pred) < 10:
+        return None
+    rng = np.random.default_rng(seed)
+    draws = [spearman(list(pred[i]), list(truth[i])) for i in rng.integers(0, len(pred), (resamples, len(pred)))]
+    lo, hi = np.percentile([d for d in draws if d is not None], [2.5, 97.5])
+    return [round(float(lo), 4), round(float(hi), 4)]
+
+
 def report(head: HiddenDifficultyHead, X: np.ndarray, problems: Sequence[dict[str, Any]],
            labs: dict[str, np.ndarray], rows: np.ndarray, prompt_pred: np.ndarray) -> dict[str, Any]:
     if not len(rows):
@@ -84,6 +101,7 @@ def report(head: HiddenDifficultyHead, X: np.ndarray, problems: Sequence[dict[st
     truth = labs["pass_at_1"][rows]
     return {"problems": int(len(rows)),
             "spearman_pass_at_1": spearman(list(pred), list(truth)),
+            "spearman_pass_at_1_interval": spearman_interval(pred, truth),
             "spearman_verifier": spearman(list(pred), list(labs["verifier"][rows])),
             "prompt_model_spearman_pass_at_1": spearman(list(prompt_pred[rows]), list(truth)),
             "levels": level_spearman(pred, sub),
@@ -100,16 +118,25 @@ async def encode_all(prm: Any, questions: Sequence[str], batch: int = 16) -> lis
     return out
 
 
-def load_features(path: Path) -> dict[str, np.ndarray]:
+# Caches written before the poolings were stored held these.
+LEGACY_POOLINGS = ("mean", "last")
+
+
+def load_features(path: Path, poolings: Sequence[str] = POOLINGS) -> dict[str, np.ndarray]:
+    """The cached pooled features per problem id; none when the cache holds other poolings (they are re-encoded)."""
     if not path.is_file():
         return {}
     with np.load(path, allow_pickle=False) as z:
+        stored = tuple(str(p) for p in z["poolings"]) if "poolings" in z.files else LEGACY_POOLINGS
+        if stored != tuple(poolings):
+            return {}
         return {str(i): f for i, f in zip(z["ids"], z["features"])}
 
 
-def save_features(path: Path, feats: dict[str, np.ndarray]) -> None:
+def save_features(path: Path, feats: dict[str, np.ndarray], poolings: Sequence[str] = POOLINGS) -> None:
     ids = sorted(feats)
-    np.savez_compressed(path, ids=np.array(ids), features=np.stack([feats[i] for i in ids]))
+    np.savez_compressed(path, ids=np.array(ids), features=np.stack([feats[i] for i in ids]),
+                        poolings=np.array(list(poolings)))
 
 
 def add_parser(sub: Any) -> None:

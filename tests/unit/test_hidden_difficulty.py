@@ -30,9 +30,10 @@ def test_ridge_head_recovers_a_linear_label_and_round_trips(tmp_path):
     assert np.allclose(back.predict_features(X), head.predict_features(X), atol=1e-4)  # float32 on disk
 
 
-def test_pooled_features_are_mean_then_last_token():
+def test_pooled_features_are_mean_last_token_max_and_spread():
     h = np.array([[1.0, 2.0], [3.0, 6.0]])
-    assert pooled_features(h).tolist() == [2.0, 4.0, 3.0, 6.0]
+    assert pooled_features(h).tolist() == [2.0, 4.0, 3.0, 6.0, 3.0, 6.0, 1.0, 2.0]
+    assert pooled_features(h, ("mean", "last")).tolist() == [2.0, 4.0, 3.0, 6.0]  # what older heads read
     with pytest.raises(ValueError):
         pooled_features(np.zeros((0, 2)))
 
@@ -63,7 +64,8 @@ class FakeEncoder:
 
 def _hidden_table(tmp_path) -> PolicyTable:
     # The head predicts the first feature (the mean state): a large value is easy (bin 1), a small one hard (bin 5).
-    X = np.random.default_rng(1).normal(size=(40, 4))
+    # Two-wide states, four poolings: eight features.
+    X = np.random.default_rng(1).normal(size=(40, 8))
     head = HiddenDifficultyHead.fit(X, X[:, 0], ridge=1e-6)
     head.save(tmp_path / "head.npz")
     entries = [{"bin": b, "budget_generations": 1, "budget_flops": 10.0, "strategy": "best_of_n",
@@ -177,3 +179,38 @@ def test_replay_cuts_the_tables_bins_on_the_fit_predictions_when_given():
     rep, table = evaluate({"models": {}}, problems, "prm", r=4, n_boot=20, hidden=hidden)
     assert table.cuts and min(table.cuts) > 100.0
     assert rep["hidden_estimator"]["table_fitted_on"].startswith("out-of-fold")
+
+
+def test_a_feature_cache_of_other_poolings_is_not_read(tmp_path):
+    from service.offline.train_difficulty import load_features, save_features
+
+    path = tmp_path / "bank.hidden-10l.npz"
+    save_features(path, {"a": np.ones(4, np.float32)}, ("mean", "last"))
+    assert set(load_features(path, ("mean", "last"))) == {"a"}
+    assert load_features(path, ("mean", "last", "max", "std")) == {}  # re-encoded, never mixed
+    np.savez_compressed(path, ids=np.array(["a"]), features=np.ones((1, 4), np.float32))  # a cache from before
+    assert set(load_features(path, ("mean", "last"))) == {"a"} and load_features(path) == {}
+
+
+def test_the_logit_label_orders_like_pass_at_1_and_stays_finite_at_0_and_32_of_32():
+    from service.offline.train_difficulty import labels
+    from tests.unit.offline_fakes import correct_or_distinct
+
+    problems = [correct_or_distinct(f"q{k}", k, n=32) for k in (0, 1, 16, 32)]
+    labs = labels(problems)
+    assert labs["pass_at_1"].tolist() == [0.0, 1 / 32, 0.5, 1.0]
+    logit = labs["logit_pass_at_1"]
+    assert np.all(np.isfinite(logit)) and np.all(np.diff(logit) > 0)
+    assert logit[2] == pytest.approx(0.0) and logit[0] == pytest.approx(-logit[3])
+
+
+def test_the_held_out_spearman_carries_a_bootstrap_interval_around_it():
+    from service.offline.bench_checks import spearman
+    from service.offline.train_difficulty import spearman_interval
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=300)
+    y = x + rng.normal(size=300)
+    lo, hi = spearman_interval(x, y)
+    assert lo < spearman(list(x), list(y)) < hi and hi - lo < 0.25
+    assert spearman_interval(x[:5], y[:5]) is None  # too few problems to say anything

@@ -5,6 +5,7 @@ table is one the router loads and can run."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from service.offline.policy import choose_with_shrinkage, compute_optimal_cv, evidence_table, quantile_bins
 from service.offline.replay import BonConfig, bootstrap_weights, ratio_with_interval
@@ -150,15 +151,95 @@ def _strength_case(informative: bool, seed: int = 0):
 
 
 def test_cross_validated_prior_strength_trusts_bins_only_where_they_carry_evidence():
-    from service.offline.policy import cv_prior_strength
+    from service.offline.policy import cv_prior
 
     gen = {"per_generation": 1.0, "question_charge": 0.0}
     picks = {}
     for informative in (True, False):
         configs, acc, flops, stat = _strength_case(informative)
-        s, scores = cv_prior_strength(acc, flops, configs, stat, acc.max(1) > 0, (1, 4, 16), gen, "prm*arith",
-                                      [1.0, 4.0, 16.0])
-        assert set(scores) == {1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0} and s in scores
+        prior, s, scores = cv_prior(acc, flops, configs, stat, acc.max(1) > 0, (1, 4, 16), gen, "prm*arith",
+                                    [1.0, 4.0, 16.0], priors=("level",))
+        assert set(scores) == {f"level {x:g}" for x in (1, 2, 4, 8, 16, 32, 64, 128)} and prior == "level"
+        assert scores[f"level {s:g}"]["within_one_se"]
         picks[informative] = s
     assert picks[True] <= 16.0     # bins that separate the kinds: their own evidence beats the pooled curve
     assert picks[False] >= 32.0    # bins of noise: lean on the pooled curve
+
+
+def test_the_scaled_prior_does_not_lend_a_hard_bin_the_pooled_gain_of_sampling_more():
+    """Pooled, N = 16 gains 8 points over N = 1; in the hard bin it gains 0.2. A prior centred on the pooled
+    accuracy lends the hard bin most of the 8 points and buys N = 16 there; one centred on the pooled curve at the
+    bin's own level does not."""
+    from service.offline.policy import bin_prior, choose_with_shrinkage
+
+    pooled = np.array([0.07, 0.15])              # N = 1, N = 16
+    hard = np.tile([0.005, 0.007], (180, 1))     # the bin's own per-problem accuracies
+    cost = np.array([1.0, 16.0])
+    assert np.allclose(bin_prior(pooled, hard, "level"), pooled)
+    assert np.allclose(bin_prior(pooled, hard, "scaled"), pooled * 0.006 / 0.11)
+    picks = {kind: choose_with_shrinkage(hard, cost, bin_prior(pooled, hard, kind), [16.0], 64.0, False, 0)[0][0]
+             for kind in ("level", "scaled")}
+    assert picks == {"level": 1, "scaled": 0}
+    with pytest.raises(ValueError):
+        bin_prior(pooled, hard, "flat")
+
+
+def test_cv_breaks_a_tie_in_accuracy_by_what_the_tables_spend():
+    """N = 4 and N = 16 are equally accurate: the tables reach the same CV accuracy within noise, and between the
+    prior kinds at the strongest tied strength the one whose table spends least wins."""
+    from service.offline.policy import cv_prior
+
+    configs, acc, flops, stat = _strength_case(True)
+    n16 = next(k for k, c in enumerate(configs) if c.n == 16 and c.selection == "weighted")
+    n4 = next(k for k, c in enumerate(configs) if c.n == 4 and c.selection == "weighted")
+    acc[:, n16] = acc[:, n4]
+    gen = {"per_generation": 1.0, "question_charge": 0.0}
+    prior, s, scores = cv_prior(acc, flops, configs, stat, acc.max(1) > 0, (1, 4, 16), gen, "prm*arith",
+                                [1.0, 4.0, 16.0])
+    tied = [k for k, v in scores.items() if v["within_one_se"]]
+    assert f"{prior} {s:g}" in tied and s == max(float(k.split()[1]) for k in tied)
+    rivals = [k for k in tied if float(k.split()[1]) == s]
+    assert scores[f"{prior} {s:g}"]["flops"] == min(scores[k]["flops"] for k in rivals)
+
+
+def test_a_request_is_held_to_its_budget_n_shrinks_to_what_it_pays():
+    from service.offline.policy import config_index, served_config
+    from service.offline.stopping import StoppingRule
+
+    rule = StoppingRule(0.95, hopeless_k=4, score_threshold=0.2)
+    configs = [BonConfig(n, "weighted") for n in NS] + [BonConfig(16, "weighted", stop=rule)]
+    index = config_index(configs, "prm*arith")
+    flops = np.array([float(c.n) for c in configs[:-1]] + [6.0])  # the stopping rule stops early on this problem
+    at = lambda n: next(k for k, c in enumerate(configs) if c.n == n and c.stop is None)  # noqa: E731
+    weighted16 = configs[at(16)].params
+    assert served_config(weighted16, index, flops, 16.0) == at(16)
+    assert served_config(weighted16, index, flops, 5.0) == at(4)        # halved until it fits
+    assert served_config(weighted16, index, flops, 0.5) is None         # not even one sample: no answer
+    assert served_config(weighted16, index, flops, 3.0, floor=4) is None  # the probe's 4 samples are already drawn
+    stop16 = configs[-1].params
+    assert served_config(stop16, index, flops, 7.0) == len(configs) - 1  # its realized FLOPs fit
+    assert served_config(stop16, index, flops, 5.0) == at(4)  # the grid has no stopping rule at N = 8: dropped
+
+
+def test_replayed_auto_never_spends_over_a_requests_budget():
+    from service.offline.auto_replay import hidden_auto_outcomes
+    from service.router.table import PolicyTable
+
+    rng = np.random.default_rng(0)
+    configs = [BonConfig(n, "weighted") for n in NS] + [BonConfig(n, "majority") for n in NS]
+    P = 50
+    per_sample = rng.uniform(0.5, 2.0, P)  # long and short problems
+    flops = per_sample[:, None] * np.array([c.n for c in configs], float)[None, :]
+    acc = rng.random((P, len(configs)))
+    entries = [{"bin": b, "budget_generations": g, "budget_flops": float(g), "strategy": "best_of_n",
+                "params": BonConfig(g, "weighted").params, "expected_accuracy": 0.5, "mean_flops": float(g),
+                "n_problems": 10} for b in range(1, 6) for g in (1, 4, 16)]
+    table = PolicyTable(cuts=[0.2, 0.4, 0.6, 0.8], entries=entries, estimator="hidden")
+    budgets = [1.0, 4.0, 16.0]
+    encode = np.full(P, 0.1)
+    a, f = hidden_auto_outcomes(table, acc, flops, configs, rng.random(P), encode, budgets, ["q"] * P)
+    assert np.all(f <= np.array(budgets)[None, :] * 1.0001)
+    # A problem whose one sample costs more than the whole budget gets no answer and spends nothing.
+    dear = np.flatnonzero(per_sample > 1.0)
+    assert np.all(a[dear, 0] == 0.0) and np.all(f[dear, 0] == 0.0)
+    assert np.any(a[:, 2] > 0)
