@@ -8,11 +8,11 @@ Inputs are replay's per-problem matrices: acc [P, K] (expected accuracy of confi
   the other half of its bin), so the policy's accuracy and FLOPs get bootstrap intervals like any config.
 - `evidence_table`: the table that decides on evidence. Per (bin, budget), configs are ranked by the posterior-mean
   accuracy under a Beta prior centred on the config's pooled accuracy over all problems ("level"), or on the pooled
-  curve moved to the bin's own level ("scaled"), of strength `prior_strength` pseudo-problems, so a 0-of-9 tie inside
-  a bin is settled by the pooled curve, not by noise. `cv_prior` chooses the kind and the strength. A bin where no problem
-  has a single correct sample in the whole bank is hopeless: it gets N = 1 ("spend nothing more"). A larger config
-  must beat the cheapest one by `min_gain` of posterior mean to be worth its FLOPs. Monotone in budget: a budget's
-  choice is never worse (in posterior mean) than the smaller budget's.
+  curve moved to the bin's own level ("scaled"), of strength `prior_strength` pseudo-problems, so a 0-of-9 tie
+  inside a bin is settled by the pooled curve, not by noise. `cv_prior` chooses the kind and the strength. A bin
+  where no problem has a single correct sample in the whole bank is hopeless: it gets N = 1 ("spend nothing
+  more"). A larger config must beat the cheapest one by `min_gain` of posterior mean to be worth its FLOPs.
+  Monotone in budget: a budget's choice is never worse (in posterior mean) than the smaller budget's.
 """
 
 from __future__ import annotations
@@ -158,7 +158,8 @@ def evidence_table(acc: np.ndarray, flops: np.ndarray, configs: Sequence[Any], s
     table.entries.sort(key=lambda e: (e["bin"], e["budget_flops"]))
     centre = "the pooled accuracy" if prior == "level" else "the pooled accuracy scaled to the bin's level"
     table.calibration = {"chooser": f"posterior mean, Beta prior centred on {centre} of each config",
-                         "prior": prior, "prior_strength": prior_strength, "min_gain": min_gain, "problems": int(acc.shape[0])}
+                         "prior": prior, "prior_strength": prior_strength, "min_gain": min_gain,
+                         "problems": int(acc.shape[0])}
     return table
 
 

@@ -4,10 +4,11 @@ Per bank problem, one /pooling call on the reward worker returns the last-layer 
 (`PRMClient.encode_question`, exactly what `auto` calls when serving); they are cached next to the bank, so a rerun
 only encodes new problems. Labels come from the bank: pass@1 (share of the 32 samples that are correct), its
 empirical logit, and the mean last-step verifier score of the samples (the statistic the probe estimates). Problems
-are split by a hash of their id (bank.is_held_out): the head is fitted on the rest only, its ridge strength and label chosen by
-5-fold cross-validation there (Spearman against pass@1), and it is reported on the held-out problems against
-pass@1 and, for graded arithmetic, against the generator's level, next to the prompt-statistics ridge estimator on
-the same split. The cost is the encode FLOPs of the question over one generation's FLOPs.
+are split by a hash of their id (bank.is_held_out): the head is fitted on the rest only, its ridge strength and
+label chosen by 5-fold cross-validation there (Spearman against pass@1), and it is reported on the held-out problems
+against pass@1 (with a bootstrap interval) and, for graded arithmetic, against the generator's level, next to the
+prompt-statistics ridge estimator on the same split. The cost is the encode FLOPs of the question over one
+generation's FLOPs.
 """
 
 from __future__ import annotations
