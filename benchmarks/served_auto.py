@@ -4,8 +4,9 @@ beside `auto` replayed from the bank on the same problems.
     python benchmarks/served_auto.py --bank benchmarks/results/bank_smollm2_10l.jsonl.gz --limit 60 \
         --out benchmarks/results/served_auto.json --work-dir /tmp/served_auto
 
-The replay charges every configuration its mean FLOPs; a served budget is enforced on the worst case (every sample
-running to max_tokens), so without top-up the served `auto` draws fewer samples than the table chose. This runs the
+The replay holds each request to its budget with the samples' realized FLOPs; a served budget is enforced on the
+worst case (every sample running to max_tokens), so without top-up the served `auto` draws fewer samples than the
+table chose. This runs the
 code the gateway serves (router.difficulty.run_auto with the shipped table and the zero-decode head's prefill paid,
 verifier `prm*arith`, temperature 0.8, the bank's max_tokens unless told) at budgets of B generations, and reports
 per budget and mode: accuracy with a Wilson 95% interval, mean FLOPs, mean samples drawn against the N the table

@@ -168,6 +168,8 @@ def evaluate(header: dict[str, Any], problems: Sequence[dict[str, Any]], backend
             [bank.sources[i] for i in ho], acc[ho][:, base_k[-1]], aa[:, -1])
         report["table"]["held_out_auto_ratio"] = _ratio(ratio_with_interval(acc[ho][:, base_k], fl[ho][:, base_k],
                                                                             aa, af, w_ho))
+        ra = report["table"]["held_out_auto_ratio"]["ratio"]
+        report["served_auto_over_oracle"] = _fmt(ra / ro) if ro and ra else None
 
     stops = {}
     n_max = max(ns)
@@ -277,7 +279,8 @@ def markdown(rep: dict[str, Any]) -> str:
         lines += ["", "Held out, by source, at the largest budget (best-of-N weighted N=max / `auto`): " + "; ".join(
             f"{k} ({v['problems']}): {100 * v['best_of_n_weighted']:.1f}% / {100 * v['auto']:.1f}%"
             for k, v in src.items()) + "."]
-    lines += ["", f"Predicted / oracle efficiency: {rep['predicted_over_oracle']}.", "",
+    lines += ["", f"Predicted / oracle efficiency: {rep['predicted_over_oracle']} (Snell's chooser on the verifier's "
+                  f"mean); the served `auto` over the oracle: {rep.get('served_auto_over_oracle')}.", "",
               f"Early stopping inside best-of-{rep['early_stopping']['n_max']} (same orderings):", "",
               "| rule | accuracy % | full best-of-N % | lost, points [95%] | mean samples | saved |", "|---|---|---|---|---|---|"]
     for name, s in rep["early_stopping"]["rules"].items():
