@@ -261,7 +261,8 @@ def markdown(rep: dict[str, Any]) -> str:
         gen = rep["generation_flops"]["per_generation"]
         lines += ["", f"Evidence table fitted on {rep['table']['fitted_on']} problems, prior "
                       f"{rep['table'].get('prior', 'level')} of strength {rep['table']['prior_strength']:g}"
-                      + (" (5-fold CV on them: the cheapest of those within one standard error of the best; "
+                      + (" (5-fold CV on them: among those within one standard error of the best, the strongest "
+                         "prior, then the kind that spends less; "
                          "mean accuracy over budgets at mean generations spent: "
                          + "; ".join(f"{k}: {100 * v['accuracy']:.2f}% at {v['flops'] / gen:.2f}"
                                      + ("" if v["within_one_se"] else " (worse)") for k, v in cv.items())
