@@ -6,9 +6,9 @@ beside `auto` replayed from the bank on the same problems.
 
 The replay holds each request to its budget with the samples' realized FLOPs; a served budget is enforced on the
 worst case (every sample running to max_tokens), so without top-up the served `auto` draws fewer samples than the
-table chose. This runs the
-code the gateway serves (router.difficulty.run_auto with the shipped table and the zero-decode head's prefill paid,
-verifier `prm*arith`, temperature 0.8, the bank's max_tokens unless told) at budgets of B generations, and reports
+table chose. This runs the code the gateway serves (router.difficulty.run_auto with the shipped table and the
+zero-decode head's prefill paid, verifier `prm*arith`, temperature 0.8, the bank's max_tokens unless told) at
+budgets of B generations, and reports
 per budget and mode: accuracy with a Wilson 95% interval, mean FLOPs, mean samples drawn against the N the table
 chose, and the largest spend over the budget (must be <= 1). Per-problem results are cached in the work dir.
 """

@@ -27,7 +27,7 @@ import numpy as np
 from .bank import BACKENDS, StaleBank, current_models, is_held_out, read_bank
 from .policy import compute_optimal_cv, cv_prior, evidence_table, quantile_bins, table_outcomes
 from .auto_replay import auto_outcomes, hidden_auto_outcomes
-from .replay import (NS, BonConfig, all_configs, bank_arrays, bootstrap_weights, params_signature,
+from .replay import (NS, BonConfig, all_configs, bank_arrays, bootstrap_weights,
                      ratio_with_interval, replay_orderings, with_intervals)
 from .stopping import StoppingRule, replay_stopping
 
@@ -194,10 +194,10 @@ def minus_best_fixed(acc_fit: np.ndarray, fl_fit: np.ndarray, acc_ho: np.ndarray
     "Best fixed" is chosen where the table was fitted (highest accuracy among configs whose mean FLOPs fit the
     budget), so neither side is chosen on the problems it is scored on; like `auto`, it runs held to each request's
     budget (served_config). fl_ho: the held-out problems' FLOPs per config."""
-    from .policy import served_config
+    from .policy import config_index, served_config
 
     mean_acc, mean_fl = acc_fit.mean(0), fl_fit.mean(0)
-    index = {params_signature(c.params): k for k, c in enumerate(configs)}
+    index = config_index(configs)
     out = []
     for j, g in enumerate(budgets):
         feasible = np.flatnonzero(mean_fl <= g)

@@ -163,12 +163,12 @@ def evidence_table(acc: np.ndarray, flops: np.ndarray, configs: Sequence[Any], s
     return table
 
 
-def config_index(configs: Sequence[Any], backend: str) -> dict[tuple, int]:
-    """params_signature -> position in `configs`, for the configs a table of `backend` can name."""
+def config_index(configs: Sequence[Any], backend: str | None = None) -> dict[tuple, int]:
+    """params_signature -> position in `configs`, for the configs a table of `backend` can name (all when None)."""
     from .replay import params_signature
 
     return {params_signature(c.params): k for k, c in enumerate(configs)
-            if getattr(c, "backend", backend) == backend or c.selection == "majority"}
+            if backend is None or getattr(c, "backend", backend) == backend or c.selection == "majority"}
 
 
 def served_config(params: dict[str, Any], index: dict[tuple, int], flops: np.ndarray, budget: float,
